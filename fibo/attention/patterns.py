@@ -1,0 +1,215 @@
+"""Sparse attention patterns as pure functions.
+
+Everything here is deterministic, allocation-light and free of global state: no function touches
+Python's, NumPy's or torch's global RNG. Masks are boolean with ``True`` = "query may attend key".
+
+Token layout (the paper's and timm's): an optional CLS token at index 0, then ``num_tokens`` patch
+tokens in raster order. ``num_tokens`` (N) always counts patch tokens only.
+
+Fibottention (arXiv 2406.19391, Sec. 3 and the authors' reference code):
+
+* head ``i`` (1-based, of H) takes row ``i`` of the Wythoff array as its seed pair
+  ``a_i = floor(floor(i*phi)*phi)``, ``b_i = floor(floor(i*phi)*phi^2)``, ``phi = (1+sqrt 5)/2``;
+  the *modified* variant starts from ``(2a_i - b_i, b_i - a_i)`` instead, which adds small local
+  offsets (head 1 becomes 0, 1, 1, 2, 3, 5);
+* its window is ``w_i = w_min + int((w_max - w_min) / (H - 1) * (i - 1))`` (float arithmetic exactly
+  as the reference, so e.g. H=12, N=196 gives 64 for the last head, not 65);
+* its offsets O_i are the Fibonacci-type sequence ``a_i, b_i, a_i + b_i, ...`` keeping the terms
+  ``<= w_i``; the reference keeps ``[a_i]`` even when ``a_i > w_i``;
+* patch token t attends patch tokens ``t + o`` and ``t - o`` for every ``o`` in O_i inside
+  ``[0, N)``; the CLS row and column are dense;
+* per layer ``depth`` the offset sets are permuted over heads with
+  ``random.Random(depth).shuffle(list(range(H)))`` (a local RNG).
+
+Decisions where the reference is silent or undefined (documented and tested):
+
+* ``H = 1``: the window formula divides by ``H - 1``; the single head gets ``w_max`` (the whole
+  Fibonacci ladder up to ``N // 3``, i.e. O(log N) offsets covering the full range).
+* ``w_max < w_min`` (small N, e.g. N < 15 with the defaults): ``w_max`` is raised to ``w_min`` so
+  every head gets window ``w_min``.
+* offsets ``>= N`` stay in the offset list (it is the reference's sequence) but connect nothing:
+  ``t +- o`` falls outside ``[0, N)``.
+* offset 0 (modified variant, head 1) is the token itself; duplicate offsets (1, 1) are one entry.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from functools import lru_cache
+
+import torch
+
+PHI = (1.0 + math.sqrt(5.0)) / 2.0
+
+__all__ = [
+    "wythoff_pair",
+    "fibottention_windows",
+    "fibottention_offsets",
+    "head_permutation",
+    "offsets_to_mask",
+    "fibottention_mask",
+    "mask_density",
+]
+
+
+def wythoff_pair(row: int) -> tuple[int, int]:
+    """First two entries of row ``row`` (1-based) of the Wythoff array: (1, 2), (4, 7), (6, 10), ...
+
+    Raises:
+        ValueError: if ``row < 1``.
+    """
+    if row < 1:
+        raise ValueError(f"Wythoff rows are 1-based; got row={row}")
+    k = math.floor(row * PHI)
+    return math.floor(k * PHI), math.floor(k * PHI * PHI)
+
+
+def _resolve_w_max(num_tokens: int, w_min: int, w_max: int | None) -> int:
+    w_max = num_tokens // 3 if w_max is None else int(w_max)
+    return max(w_max, w_min)
+
+
+def fibottention_windows(num_tokens: int, num_heads: int, w_min: int = 5, w_max: int | None = None) -> list[int]:
+    """Per-head window sizes ``w_i`` (in tokens), head 1 first. ``w_max=None`` means ``num_tokens // 3``.
+
+    ``H = 1`` gets ``[w_max]``; ``w_max < w_min`` is raised to ``w_min`` (see module docstring).
+
+    Raises:
+        ValueError: if ``num_tokens < 1``, ``num_heads < 1`` or ``w_min < 1``.
+    """
+    _check_sizes(num_tokens, num_heads)
+    if w_min < 1:
+        raise ValueError(f"w_min must be >= 1, got {w_min}")
+    w_max = _resolve_w_max(num_tokens, w_min, w_max)
+    if num_heads == 1:
+        return [w_max]
+    step = (w_max - w_min) / (num_heads - 1)
+    return [w_min + int(step * (i - 1)) for i in range(1, num_heads + 1)]
+
+
+def _fibonacci_up_to(a: int, b: int, window: int) -> list[int]:
+    if a > window:
+        return [a]
+    seq = [a]
+    x, y = a, b
+    while y <= window:
+        seq.append(y)
+        x, y = y, x + y
+    return seq
+
+
+def fibottention_offsets(
+    num_tokens: int,
+    num_heads: int,
+    w_min: int = 5,
+    w_max: int | None = None,
+    modified: bool = False,
+) -> list[list[int]]:
+    """Offsets O_i per head (head 1 first), before any per-layer permutation.
+
+    Args:
+        num_tokens: N, the number of patch tokens (CLS excluded).
+        num_heads: H.
+        w_min, w_max: smallest and largest window; ``w_max=None`` means ``N // 3``.
+        modified: use the modified seed pair ``(2a - b, b - a)`` (adds offsets 0 and 1 to head 1).
+
+    Returns:
+        ``H`` lists of non-negative ints in sequence order; the modified variant may repeat a value
+        (``[0, 1, 1, 2, 3, 5]``) exactly as the reference sequence does.
+
+    Raises:
+        ValueError: on non-positive sizes.
+    """
+    windows = fibottention_windows(num_tokens, num_heads, w_min, w_max)
+    offsets = []
+    for i, window in enumerate(windows, start=1):
+        a, b = wythoff_pair(i)
+        if modified:
+            a, b = 2 * a - b, b - a
+        offsets.append(_fibonacci_up_to(a, b, window))
+    return offsets
+
+
+def head_permutation(num_heads: int, depth: int) -> list[int]:
+    """Entry ``j`` = index (0-based Wythoff row) of the offset set used by head ``j`` of layer ``depth``.
+
+    Follows the reference: ``random.Random(depth).shuffle(list(range(H)))`` on a local RNG, so the
+    global ``random`` state is untouched.
+    """
+    perm = list(range(num_heads))
+    random.Random(depth).shuffle(perm)
+    return perm
+
+
+def offsets_to_mask(head_offsets: list[list[int]], num_tokens: int, cls_token: bool = True) -> torch.Tensor:
+    """Boolean mask from per-head offsets (already in head order).
+
+    Returns:
+        ``(H, N+1, N+1)`` with a dense CLS row/column at index 0 when ``cls_token``, else ``(H, N, N)``;
+        entry ``[h, q, k]`` is True when ``|q - k|`` (patch indices) is in ``head_offsets[h]``.
+    """
+    n = num_tokens
+    distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()  # (N, N)
+    lookup = torch.zeros(len(head_offsets), n, dtype=torch.bool)  # (H, N): is distance d allowed?
+    for h, offs in enumerate(head_offsets):
+        valid = [o for o in offs if 0 <= o < n]
+        if valid:
+            lookup[h, valid] = True
+    patch = lookup[:, distance]  # (H, N, N)
+    if not cls_token:
+        return patch
+    mask = torch.ones(len(head_offsets), n + 1, n + 1, dtype=torch.bool)
+    mask[:, 1:, 1:] = patch
+    return mask
+
+
+@lru_cache(maxsize=256)
+def _fibottention_mask_cached(num_tokens, num_heads, depth, modified, cls_token, w_min, w_max, permute):
+    offsets = fibottention_offsets(num_tokens, num_heads, w_min=w_min, w_max=w_max, modified=modified)
+    if permute:
+        offsets = [offsets[j] for j in head_permutation(num_heads, depth)]
+    mask = offsets_to_mask(offsets, num_tokens, cls_token=cls_token)
+    mask.requires_grad_(False)
+    return mask
+
+
+def fibottention_mask(
+    num_tokens: int,
+    num_heads: int,
+    depth: int = 0,
+    modified: bool = False,
+    cls_token: bool = True,
+    w_min: int = 5,
+    w_max: int | None = None,
+    permute_heads_per_layer: bool = True,
+) -> torch.Tensor:
+    """The Fibottention mask of layer ``depth`` (CPU, bool, True = attend).
+
+    Returns:
+        ``(H, N+1, N+1)`` (CLS first, its row and column dense) or ``(H, N, N)`` without CLS.
+        Head ``j`` uses offset set ``head_permutation(H, depth)[j]`` when ``permute_heads_per_layer``,
+        else offset set ``j``. The tensor is cached and shared: do not modify it in place.
+
+    Raises:
+        ValueError: on non-positive sizes.
+    """
+    return _fibottention_mask_cached(
+        int(num_tokens), int(num_heads), int(depth), bool(modified), bool(cls_token), int(w_min),
+        None if w_max is None else int(w_max), bool(permute_heads_per_layer),
+    )
+
+
+def mask_density(mask: torch.Tensor, cls_token: bool = True) -> dict[str, float]:
+    """Fraction of allowed entries: ``density`` over the whole mask and ``density_patch`` over the
+    N x N patch block (equal when there is no CLS token). Both in [0, 1]."""
+    mask = mask.bool()
+    patch = mask[..., 1:, 1:] if cls_token else mask
+    return {"density": mask.float().mean().item(), "density_patch": patch.float().mean().item()}
+
+
+def _check_sizes(num_tokens: int, num_heads: int) -> None:
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens (patch tokens, CLS excluded) must be >= 1, got {num_tokens}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")

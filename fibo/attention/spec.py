@@ -1,0 +1,101 @@
+"""Which attention pattern a model uses: the parsed form of the Hydra group ``attention``.
+
+Every model takes one :class:`AttentionSpec` (or the mapping it is parsed from) and nothing else
+about attention. A spec names a pattern (a mask builder in :data:`PATTERNS`, or ``dense``), the
+pattern's own options and how masked entries are treated (``mask_semantics``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fibo.attention.patterns import fibottention_mask
+
+#: name -> mask builder ``f(num_tokens, num_heads, depth, cls_token, **options) -> BoolTensor``;
+#: ``dense`` has no builder (no mask at all).
+PATTERNS: dict[str, Callable[..., torch.Tensor] | None] = {
+    "dense": None,
+    "fibottention": fibottention_mask,
+}
+
+MASK_SEMANTICS = ("neg_inf", "zero_score")
+_BUILDER_ARGS = {"num_tokens", "num_heads", "depth", "cls_token"}
+_SPEC_KEYS = {"name", "mask_semantics"}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A parsed attention config.
+
+    Attributes:
+        name: a key of :data:`PATTERNS`.
+        mask_semantics: ``neg_inf`` excludes masked entries from the softmax (the sparse semantics);
+            ``zero_score`` multiplies the scaled scores by the 0/1 mask before the softmax, so masked
+            entries score 0 and still take part (the authors' reference code).
+        options: keyword arguments of the pattern's mask builder (e.g. ``modified``, ``w_min``).
+    """
+
+    name: str = "dense"
+    mask_semantics: str = "neg_inf"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in PATTERNS:
+            raise ValueError(
+                f"unknown attention pattern {self.name!r}; choose one of {sorted(PATTERNS)} "
+                f"(Hydra: attention=<name>)"
+            )
+        if self.mask_semantics not in MASK_SEMANTICS:
+            raise ValueError(
+                f"attention.mask_semantics={self.mask_semantics!r} is not one of {list(MASK_SEMANTICS)}"
+            )
+        allowed = self.allowed_options(self.name)
+        unknown = sorted(set(self.options) - allowed)
+        if unknown:
+            raise ValueError(
+                f"attention={self.name} has no option(s) {unknown}; its options are {sorted(allowed)} "
+                f"plus {sorted(_SPEC_KEYS - {'name'})}"
+            )
+
+    @staticmethod
+    def allowed_options(name: str) -> set[str]:
+        builder = PATTERNS[name]
+        if builder is None:
+            return set()
+        return set(inspect.signature(builder).parameters) - _BUILDER_ARGS
+
+    @classmethod
+    def parse(cls, config: AttentionSpec | Mapping[str, Any] | None) -> AttentionSpec:
+        """Build a spec from a Hydra/OmegaConf or plain mapping ``{name, mask_semantics, **options}``;
+        ``None`` means dense. Raises ``ValueError`` naming an unknown pattern or option."""
+        if config is None:
+            return cls()
+        if isinstance(config, AttentionSpec):
+            return config
+        cfg = dict(config)
+        name = cfg.pop("name", "dense")
+        semantics = cfg.pop("mask_semantics", "neg_inf")
+        cfg.pop("_target_", None)
+        return cls(name=name, mask_semantics=semantics, options=cfg)
+
+    @property
+    def is_dense(self) -> bool:
+        return PATTERNS[self.name] is None
+
+    def mask(self, num_tokens: int, num_heads: int, depth: int = 0, cls_token: bool = True) -> torch.Tensor | None:
+        """The CPU boolean mask ``(H, L, L)`` of layer ``depth`` (``L = N + 1`` with CLS), or
+        ``None`` for dense attention. A row with no allowed key (possible only without CLS and
+        for tiny N) gets its diagonal entry, so the softmax never sees an empty row."""
+        builder = PATTERNS[self.name]
+        if builder is None:
+            return None
+        mask = builder(num_tokens=num_tokens, num_heads=num_heads, depth=depth, cls_token=cls_token, **self.options)
+        empty = ~mask.any(dim=-1)
+        if empty.any():
+            mask = mask | (torch.eye(mask.shape[-1], dtype=torch.bool) & empty[..., None])
+        return mask

@@ -1,0 +1,33 @@
+"""Small Lightning callbacks that the tasks share."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+
+def _batch_size(batch) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else len(first)
+
+
+class EpochThroughput(L.Callback):
+    """Logs ``train/throughput``: training samples per second (forward, backward and optimizer step,
+    data loading included) over each training epoch, measured on rank zero."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self._samples = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._samples = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._samples += _batch_size(batch)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        elapsed = time.perf_counter() - self._start
+        if self._samples and elapsed > 0:
+            pl_module.log("train/throughput", self._samples / elapsed, on_epoch=True, rank_zero_only=True)

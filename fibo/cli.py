@@ -1,0 +1,144 @@
+"""``fibo-run``: the Hydra entry point. Composes ``conf/``, then builds and runs everything.
+
+Data flows one way: config -> datamodule and model (+ task) -> Lightning Trainer -> MLflow.
+Heavy imports happen inside :func:`train` so that ``fibo-run --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+log = logging.getLogger("fibo")
+
+
+def _default_run_name(cfg: DictConfig, choices: dict) -> str:
+    return f"{choices.get('model')}-{choices.get('attention')}-{choices.get('data')}-s{cfg.seed}"
+
+
+def _log_config(logger, cfg: DictConfig, choices: dict, output_dir: Path) -> None:
+    from fibo.tracking import git_commit
+
+    client, run_id = logger.experiment, logger.run_id
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    overrides = output_dir / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        client.log_artifact(run_id, str(overrides), "config")
+    commit, dirty = git_commit(Path(cfg.paths.root_dir))
+    tags = {f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")}
+    tags.update({"output_dir": str(output_dir), "seed": str(cfg.seed)})
+    if commit:
+        tags.update({"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()})
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def _route_lightning_logs_through_hydra() -> None:
+    """Lightning adds its own console handler; Hydra already logs to console and <run dir>/*.log."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for handler in list(lg.handlers):
+            lg.removeHandler(handler)
+        lg.propagate = True
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train (and test) one configuration. Returns ``test/acc1`` (or the last ``val/acc1``).
+
+    Every run is an MLflow run from the moment its config is composed: a crash in data loading,
+    model building, training or testing ends it FAILED (KILLED on Ctrl-C) with the error as a tag;
+    checkpoints and logs already written stay.
+    """
+    import lightning as L
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    from fibo.tracking import RunIdInCheckpoint, end_run, run_id_in_checkpoint
+
+    _route_lightning_logs_through_hydra()
+    hydra_cfg = HydraConfig.get()
+    choices = dict(hydra_cfg.runtime.choices)
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.run_name is None:
+        cfg.run_name = _default_run_name(cfg, choices)
+
+    run_id = None
+    if cfg.ckpt_path is not None:
+        ckpt = Path(cfg.ckpt_path).expanduser()
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist: pass the path of a .ckpt file "
+                                    f"(runs keep theirs in <run dir>/checkpoints/last.ckpt)")
+        run_id = run_id_in_checkpoint(ckpt)
+
+    logger = instantiate(cfg.logger, run_id=run_id)
+    if run_id is not None:
+        logger.experiment.update_run(run_id, status="RUNNING")
+    _log_config(logger, cfg, choices, output_dir)
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = instantiate(cfg.data)
+        model = instantiate(cfg.model)
+        task = instantiate(cfg.task, model=model)
+        metrics = {"model/params": float(sum(p.numel() for p in model.parameters()))}
+        if hasattr(model, "attention_density"):
+            metrics.update({f"attention/{k}": v for k, v in model.attention_density().items()})
+        logger.log_metrics(metrics)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        callbacks.append(RunIdInCheckpoint())
+        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training was interrupted")
+        result = trainer.callback_metrics.get("val/acc1")
+        if cfg.test:
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+            tested = trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+            result = tested[0].get("test/acc1") if tested else None
+    except (KeyboardInterrupt, SystemExit) as err:
+        end_run(logger, "KILLED", err)
+        raise
+    except BaseException as err:
+        end_run(logger, "FAILED", err)
+        raise
+    end_run(logger, "FINISHED")
+    _report(cfg, logger, choices, metrics, result)
+    return None if result is None else float(result)
+
+
+def _report(cfg: DictConfig, logger, choices: dict, metrics: dict, result) -> None:
+    name = "test/acc1" if cfg.test else "val/acc1"
+    density = metrics.get("attention/density")
+    lines = [
+        "",
+        f"fibo: {name} = {float(result):.4f}" if result is not None else f"fibo: no {name} was computed",
+        f"  task={choices.get('task')} data={choices.get('data')} model={choices.get('model')} "
+        f"attention={choices.get('attention')} seed={cfg.seed}"
+        + (f" (attention density {100 * density:.2f}% incl. CLS)" if density is not None else ""),
+        f"  MLflow run {logger.run_id} ({cfg.run_name}) in experiment '{cfg.experiment_name}'",
+        f"  tracking URI: {logger._tracking_uri}",
+        f"  browse: mlflow ui --backend-store-uri {logger._tracking_uri}",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+def main() -> None:
+    """Console script ``fibo-run``."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

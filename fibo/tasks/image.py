@@ -1,0 +1,90 @@
+"""Image classification as a LightningModule."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from fibo.tasks.schedule import warmup_cosine
+
+
+class ImageClassifier(L.LightningModule):
+    """Supervised classification of ``(B, C, H, W)`` images into ``num_classes`` classes.
+
+    Loss: cross entropy with label smoothing. Optimiser: AdamW via ``timm.optim.create_optimizer_v2``
+    (no weight decay on biases, norms, CLS token and position embedding, as timm/DeiT), learning rate
+    ``lr`` (times ``batch_size / lr_base_batch`` when ``lr_base_batch`` is set: the paper's
+    ``1e-3 x batch / 256``), linear warmup for ``warmup_epochs`` then cosine decay to ``min_lr``.
+
+    Metrics (torchmetrics, micro top-k accuracy in [0, 1]): ``train/loss``, ``train/acc1``,
+    ``val/loss``, ``val/acc1``, ``val/acc5``, ``test/loss``, ``test/acc1``, ``test/acc5``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 5,
+        min_lr: float = 1e-6,
+        label_smoothing: float = 0.1,
+        batch_size: int | None = None,
+        lr_base_batch: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        top5 = min(5, num_classes)
+        self.metrics = nn.ModuleDict({
+            f"{stage}_acc{k}": MulticlassAccuracy(num_classes=num_classes, top_k=kk, average="micro")
+            for stage in ("train", "val", "test") for k, kk in ((1, 1), (5, top5))
+        })
+
+    @property
+    def effective_lr(self) -> float:
+        hp = self.hparams
+        if hp.lr_base_batch and hp.batch_size:
+            return hp.lr * hp.batch_size / hp.lr_base_batch
+        return hp.lr
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> logits ``(B, num_classes)``."""
+        return self.model(images)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        for k in (1, 5):
+            if stage == "train" and k == 5:
+                continue
+            metric = self.metrics[f"{stage}_acc{k}"]
+            metric(logits, labels)
+            self.log(f"{stage}/acc{k}", metric, on_step=False, on_epoch=True, prog_bar=k == 1, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        from timm.optim import create_optimizer_v2
+
+        hp = self.hparams
+        optimizer = create_optimizer_v2(self.model, opt="adamw", lr=self.effective_lr, weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = int(total * hp.warmup_epochs / epochs)
+        scheduler = warmup_cosine(optimizer, total, warmup, min_lr_ratio=hp.min_lr / max(self.effective_lr, 1e-12))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
