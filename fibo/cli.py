@@ -31,7 +31,7 @@ def _log_config(logger, cfg: DictConfig, choices: dict, output_dir: Path) -> Non
     overrides = output_dir / ".hydra" / "overrides.yaml"
     if overrides.is_file():
         client.log_artifact(run_id, str(overrides), "config")
-    commit, dirty = git_commit(Path(cfg.paths.root_dir))
+    commit, dirty = git_commit(Path(__file__).resolve().parent)  # the code that ran
     tags = {f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")}
     tags.update({"output_dir": str(output_dir), "seed": str(cfg.seed)})
     if commit:

@@ -59,7 +59,10 @@ def split_indices(labels: Sequence[int], sizes: Sequence[int], seed: int) -> lis
     rest = np.arange(len(labels))
     parts = []
     for size in sizes[:-1]:
-        take, rest = train_test_split(rest, train_size=int(size), random_state=seed, stratify=labels[rest])
+        counts = np.unique(labels[rest], return_counts=True)[1]
+        # stratify when every part can hold every class (scikit-learn's requirement), else plain split
+        stratify = labels[rest] if min(size, len(rest) - size) >= len(counts) and counts.min() >= 2 else None
+        take, rest = train_test_split(rest, train_size=int(size), random_state=seed, stratify=stratify)
         parts.append(np.sort(take))
     parts.append(np.sort(rest))
     return parts
@@ -121,16 +124,18 @@ class ImageDataModule(L.LightningDataModule):
     def _class_count(self) -> int | None:
         return None
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        train, val, test = self._make_splits()
-        found = self._class_count()
+    def _check_num_classes(self, found: int | None) -> None:
         if found is not None and found != self.num_classes:
             raise ValueError(
                 f"data.num_classes={self.num_classes} but {self.name} has {found} classes: "
                 f"set data.num_classes={found}"
             )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, val, test = self._make_splits()
+        self._check_num_classes(self._class_count())
         train_tf = build_transform(self.img_size, True, self.mean, self.std, self.augment)
         eval_tf = build_transform(self.img_size, False, self.mean, self.std)
         self.train_set = TransformedDataset(train, train_tf)
@@ -292,6 +297,7 @@ class ImageFolderDataModule(ImageDataModule):
             )
         train_full = self._folder("train")
         self._classes = train_full.classes
+        self._check_num_classes(len(self._classes))
         val_dir, test_dir = self.root / "val", self.root / "test"
         if test_dir.is_dir():
             if not val_dir.is_dir():

@@ -1,0 +1,88 @@
+"""The real ``fibo-run`` command: training on real data, MLflow records, failures, resume, sweeps."""
+
+import re
+
+import pytest
+
+from conftest import mlflow_runs
+
+pytestmark = pytest.mark.slow
+
+
+def _result(stdout: str) -> float:
+    match = re.search(r"fibo: test/acc1 = ([0-9.]+)", stdout)
+    assert match, stdout[-3000:]
+    return float(match.group(1))
+
+
+def test_train_digits_end_to_end(tmp_path, run_fibo):
+    result = run_fibo("trainer.max_epochs=12", "task.warmup_epochs=1", root=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    acc = _result(result.stdout)
+    assert acc >= 0.70, f"test accuracy {acc} on digits after 12 epochs (chance is 0.10)"
+    assert f"browse: mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in result.stdout
+
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["test/acc1"] == pytest.approx(acc, abs=1e-4)
+    for key in ("train/loss", "val/acc1", "val/acc5", "test/acc5", "train/throughput", "attention/density_patch"):
+        assert key in metrics, sorted(metrics)
+    assert 0.0 < metrics["attention/density_patch"] < 0.3  # Fibottention at N=64, H=3
+    assert len(client.get_metric_history(run.info.run_id, "val/acc1")) == 12
+    params = run.data.params
+    assert params["attention/name"] == "fibottention" and params["model/name"] == "vit_nano"
+    assert params["data/_target_"] == "fibo.data.images.DigitsDataModule"
+    assert re.fullmatch(r"[0-9a-f]{40}", run.data.tags["mlflow.source.git.commit"])
+    assert run.data.tags["choice.attention"] == "fibottention"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config" in artifacts and "model" in artifacts
+    config_files = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert "config/config.yaml" in config_files
+    ckpts = [a.path for a in client.list_artifacts(run.info.run_id, "model/checkpoints")]
+    assert ckpts, "final checkpoint not logged"
+
+
+def test_crash_marks_run_failed(tmp_path, run_fibo):
+    result = run_fibo("data=imagefolder", f"data.root={tmp_path / 'nowhere'}", root=tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert f"image folder {tmp_path / 'nowhere' / 'train'} not found" in result.stderr
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["error"].startswith("FileNotFoundError: image folder")
+
+
+def test_resume_continues_the_same_run(tmp_path, run_fibo):
+    first = run_fibo("debug=short", root=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-4000:]
+    client, runs = mlflow_runs(tmp_path)
+    run_id = runs[0].info.run_id
+    last = tmp_path / "logs" / "runs"
+    ckpt = next(last.glob("*/checkpoints/last.ckpt"))
+    second = run_fibo("debug=short", "trainer.max_epochs=3", f"ckpt_path={ckpt}", root=tmp_path, timeout=300)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED"
+    epochs = [m.step for m in client.get_metric_history(run_id, "val/acc1")]
+    assert len(epochs) == 3  # 2 epochs before, 1 after resuming
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, run_fibo):
+    result = run_fibo(f"ckpt_path={tmp_path / 'nope.ckpt'}", root=tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert f"ckpt_path={tmp_path / 'nope.ckpt'} does not exist" in result.stderr
+
+
+def test_multirun_sweep_logs_one_run_per_job(tmp_path, run_fibo):
+    result = run_fibo("-m", "attention=dense,fibottention", "seed=0,1", "debug=fast_dev_run", root=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    combos = sorted((r.data.tags["choice.attention"], r.data.tags["seed"]) for r in runs)
+    assert combos == [("dense", "0"), ("dense", "1"), ("fibottention", "0"), ("fibottention", "1")]
+    dens = {r.data.tags["choice.attention"]: r.data.metrics["attention/density"] for r in runs}
+    assert dens["dense"] == 1.0 and dens["fibottention"] < 0.3
