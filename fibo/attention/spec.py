@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fibo.attention.backends import BACKEND_CHOICES
+from fibo.attention.baselines import BASELINE_PATTERNS
 from fibo.attention.patterns import fibottention_mask
 
 #: name -> mask builder ``f(num_tokens, num_heads, depth, cls_token, **options) -> BoolTensor``;
@@ -21,11 +23,13 @@ from fibo.attention.patterns import fibottention_mask
 PATTERNS: dict[str, Callable[..., torch.Tensor] | None] = {
     "dense": None,
     "fibottention": fibottention_mask,
+    **BASELINE_PATTERNS,  # longformer, bigbird, sparse_transformer, random, dilated (fibo.attention.baselines)
 }
+_MAIN_PATTERNS = ("dense", "fibottention")
 
 MASK_SEMANTICS = ("neg_inf", "zero_score")
 _BUILDER_ARGS = {"num_tokens", "num_heads", "depth", "cls_token"}
-_SPEC_KEYS = {"name", "mask_semantics"}
+_SPEC_KEYS = {"name", "mask_semantics", "backend"}
 
 
 @dataclass(frozen=True)
@@ -38,22 +42,29 @@ class AttentionSpec:
             ``zero_score`` multiplies the scaled scores by the 0/1 mask before the softmax, so masked
             entries score 0 and still take part (the authors' reference code).
         options: keyword arguments of the pattern's mask builder (e.g. ``modified``, ``w_min``).
+        backend: how ``neg_inf`` attention is computed: ``auto`` (default; see
+            :func:`fibo.attention.backends.resolve_backend`), ``sdpa`` (dense boolean mask),
+            ``sparse`` (fused CPU kernel, O(N |O|)) or ``flex`` (FlexAttention block mask).
     """
 
     name: str = "dense"
     mask_semantics: str = "neg_inf"
     options: Mapping[str, Any] = field(default_factory=dict)
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.name not in PATTERNS:
+            baselines = sorted(set(PATTERNS) - set(_MAIN_PATTERNS))
             raise ValueError(
-                f"unknown attention pattern {self.name!r}; choose one of {sorted(PATTERNS)} "
-                f"(Hydra: attention=<name>)"
+                f"unknown attention pattern {self.name!r}; choose one of {list(_MAIN_PATTERNS)} "
+                f"or a baseline {baselines} (Hydra: attention=<name>)"
             )
         if self.mask_semantics not in MASK_SEMANTICS:
             raise ValueError(
                 f"attention.mask_semantics={self.mask_semantics!r} is not one of {list(MASK_SEMANTICS)}"
             )
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"attention.backend={self.backend!r} is not one of {list(BACKEND_CHOICES)}")
         allowed = self.allowed_options(self.name)
         unknown = sorted(set(self.options) - allowed)
         if unknown:
@@ -80,8 +91,9 @@ class AttentionSpec:
         cfg = dict(config)
         name = cfg.pop("name", "dense")
         semantics = cfg.pop("mask_semantics", "neg_inf")
+        backend = cfg.pop("backend", "auto")
         cfg.pop("_target_", None)
-        return cls(name=name, mask_semantics=semantics, options=cfg)
+        return cls(name=name, mask_semantics=semantics, options=cfg, backend=backend)
 
     @property
     def is_dense(self) -> bool:
