@@ -2,7 +2,10 @@
 
 A drop-in for :class:`timm.layers.Attention` (same constructor keywords, same parameter names
 ``qkv`` and ``proj``, so timm ViT weights load) whose pattern comes from an :class:`AttentionSpec`.
-Masks are built once per (number of tokens, device) and cached on the module, never per step.
+Masks, index tables and block masks are built once per (number of tokens, device) and cached on the
+module, never per step. ``attention.backend`` chooses how ``neg_inf`` attention is computed (dense
+mask + SDPA, the fused sparse CPU kernel or FlexAttention; see
+:func:`fibo.attention.backends.resolve_backend`); ``zero_score`` always takes its explicit path.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fibo.attention.backends import sdpa, zero_score
+from fibo.attention.backends import resolve_backend, sdpa, zero_score
 from fibo.attention.patterns import mask_density
 from fibo.attention.spec import AttentionSpec
 
@@ -65,6 +68,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._tables: dict[Any, Any] = {}  # index tables (CPU) and flex block masks, per (kind, N, device)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.spec.options.items())
@@ -83,6 +87,40 @@ class Attention(nn.Module):
             self._masks[key] = mask
         return mask
 
+    #: Up to this many mask entries (H * L^2) the sparse index table is derived from the cached dense
+    #: mask (the one SDPA uses, 4 MiB of bools); beyond, Toeplitz patterns build it from their offsets
+    #: in O(N |O|) without any N x N tensor.
+    TABLE_FROM_MASK_MAX = 1 << 22
+
+    def get_index_table(self, num_patch_tokens: int):
+        """The sparse backend's :class:`~fibo.attention.sparse.IndexTable` for N patch tokens (cached)."""
+        from fibo.attention.baselines import TOEPLITZ_OFFSETS
+        from fibo.attention.sparse import index_table, table_from_mask
+
+        key = ("table", num_patch_tokens)
+        table = self._tables.get(key)
+        if table is None:
+            cls = self.num_prefix_tokens == 1
+            if self.spec.name in TOEPLITZ_OFFSETS and self.num_heads * (num_patch_tokens + cls) ** 2 > self.TABLE_FROM_MASK_MAX:
+                table = index_table(self.spec.name, self.spec.options, num_patch_tokens, self.num_heads, self.layer_index, cls)
+            else:
+                table = table_from_mask(self.get_mask(num_patch_tokens))
+            self._tables[key] = table
+        return table
+
+    def get_block_mask(self, num_patch_tokens: int, device: torch.device | str):
+        """FlexAttention block mask for N patch tokens on ``device`` (cached)."""
+        from fibo.attention.flex import flex_block_mask
+
+        device = torch.device(device)
+        key = ("flex", num_patch_tokens, device)
+        bm = self._tables.get(key)
+        if bm is None:
+            bm = flex_block_mask(self.spec.name, self.spec.options, num_patch_tokens, self.num_heads,
+                                 self.layer_index, self.num_prefix_tokens == 1, device)
+            self._tables[key] = bm
+        return bm
+
     def density(self, num_patch_tokens: int) -> dict[str, float]:
         """``density`` (whole L x L matrix) and ``density_patch`` (N x N block) actually used."""
         mask = self.get_mask(num_patch_tokens)
@@ -99,11 +137,21 @@ class Attention(nn.Module):
             raise ValueError(f"attention needs at least one patch token, got sequence length {L}")
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, L, d)
-        mask = self.get_mask(n, x.device)
         dropout_p = self.attn_drop if self.training else 0.0
         if self.spec.mask_semantics == "zero_score":
-            out = zero_score(q, k, v, mask, dropout_p)
+            out = zero_score(q, k, v, self.get_mask(n, x.device), dropout_p)
         else:
-            out = sdpa(q, k, v, mask, dropout_p)
+            backend = resolve_backend(self.spec.backend, device=x.device, num_tokens=n, dtype=q.dtype,
+                                      dropout_p=dropout_p, dense=self.spec.is_dense)
+            if backend == "sparse":
+                from fibo.attention.sparse import sparse_attention
+
+                out = sparse_attention(q, k, v, self.get_index_table(n))
+            elif backend == "flex":
+                from fibo.attention.flex import flex_attention
+
+                out = flex_attention(q, k, v, self.get_block_mask(n, x.device))
+            else:
+                out = sdpa(q, k, v, self.get_mask(n, x.device), dropout_p)
         out = out.transpose(1, 2).reshape(B, L, C)
         return self.proj_drop(self.proj(out))
