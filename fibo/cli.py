@@ -17,6 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("fibo")
 
+# ${fibo.cwd:} = the directory fibo-run was started in; unlike ${hydra:runtime.cwd} it also resolves
+# while Hydra sets up a sweep (hydra.sweep.dir), before any job runs.
+if not OmegaConf.has_resolver("fibo.cwd"):
+    OmegaConf.register_new_resolver("fibo.cwd", os.getcwd)
+
 
 def _default_run_name(cfg: DictConfig, choices: dict) -> str:
     return f"{choices.get('model')}-{choices.get('attention')}-{choices.get('data')}-s{cfg.seed}"

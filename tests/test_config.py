@@ -15,6 +15,13 @@ from fibo.cli import CONF_DIR
 GROUPS = ["task", "data", "model", "attention", "trainer", "logger", "callbacks", "paths", "hydra", "debug"]
 
 
+VIDEO_DATA = {
+    "moving_digits": [],
+    "videofolder": ["data.root=/videos", "data.num_classes=101"],
+    "videolist": ["data.train_list=train.txt", "data.val_list=val.txt", "data.num_classes=60"],
+}
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
@@ -40,6 +47,9 @@ def test_every_option_composes(tmp_path, group, option):
     overrides = [f"{group}={option}"]
     if group == "data" and option == "imagefolder":
         overrides.append(f"data.root={tmp_path}")
+    video = option.startswith("timesformer") or option in VIDEO_DATA
+    if video:
+        overrides = ["task=video", *overrides, *VIDEO_DATA.get(option, [])]
     cfg = compose_cfg(tmp_path, overrides)
     assert cfg.hydra.runtime.choices[group] == option
     if group == "data":
@@ -69,6 +79,18 @@ def test_default_composition(tmp_path):
     assert model.num_patch_tokens == 64  # >= 49 patch tokens on the default data
 
 
+def test_video_task_picks_video_data_and_model(tmp_path):
+    cfg = compose_cfg(tmp_path, ["task=video"])
+    choices = cfg.hydra.runtime.choices
+    assert (choices.data, choices.model, choices.attention) == ("moving_digits", "timesformer_fibo", "fibottention")
+    dense = compose_cfg(tmp_path, ["task=video", "model=timesformer"])
+    assert dense.hydra.runtime.choices.attention == "dense"
+    # the command line still wins over a model's attention default
+    mixed = compose_cfg(tmp_path, ["task=video", "model=timesformer", "attention=fibottention", "attention.temporal=fibottention"])
+    model = instantiate(mixed.model)
+    assert model.attention_spec.name == "fibottention" and model.temporal_spec.name == "fibottention"
+
+
 def test_tracking_uri_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
     cfg = compose_cfg(tmp_path)
@@ -79,7 +101,9 @@ def test_unknown_choice_lists_available_options(tmp_path, run_fibo):
     result = run_fibo("attention=fibo", root=tmp_path, timeout=120)
     assert result.returncode == 1
     assert "Could not find 'attention/fibo'" in result.stderr
-    assert "Available options in 'attention':\n\tdense\n\tfibottention" in result.stderr
+    block = result.stderr.split("Available options in 'attention':\n")[1].split("Config search path")[0]
+    listed = [line.strip() for line in block.splitlines() if line.startswith("\t")]
+    assert listed == options("attention") and "fibottention" in listed
 
 
 def test_bad_value_is_reported_before_training(tmp_path, run_fibo):

@@ -53,7 +53,7 @@ def test_image_size_not_divisible_by_patch_size():
 
 
 def test_unknown_model_name():
-    with pytest.raises(ValueError, match=r"unknown model 'vit_huge'; known models: \['vit_base', 'vit_nano', 'vit_small', 'vit_tiny'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'vit_huge'; known models: \['timesformer_base', 'timesformer_nano', 'timesformer_small', 'vit_base', 'vit_nano', 'vit_small', 'vit_tiny'\]"):
         create_model("vit_huge")
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from fibo.models.timesformer import TimeSformer
 from fibo.models.vit import VisionTransformer
 
 #: name -> (class, architecture kwargs). Widths follow timm / DeiT (tiny 192, small 384, base 768).
@@ -14,6 +15,9 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "vit_tiny": (VisionTransformer, dict(embed_dim=192, depth=12, num_heads=3)),
     "vit_small": (VisionTransformer, dict(embed_dim=384, depth=12, num_heads=6)),
     "vit_base": (VisionTransformer, dict(embed_dim=768, depth=12, num_heads=12)),
+    "timesformer_nano": (TimeSformer, dict(embed_dim=96, depth=4, num_heads=3, drop_path_rate=0.0)),
+    "timesformer_small": (TimeSformer, dict(embed_dim=384, depth=12, num_heads=6)),
+    "timesformer_base": (TimeSformer, dict(embed_dim=768, depth=12, num_heads=12)),
 }
 
 

@@ -56,7 +56,7 @@ class ImageClassifier(L.LightningModule):
         return self.model(images)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        images, labels = batch
+        images, labels = batch[0], batch[1]
         logits = self(images)
         loss = self.criterion(logits, labels)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))

@@ -1,0 +1,266 @@
+"""Video clip DataModule (pytorchvideo decoding with PyAV, pytorchvideo transforms).
+
+Batches are ``(clips, labels, video_index)``: ``clips`` float ``(B, C, T, H, W)`` normalised per
+channel, ``labels`` int64 ``(B,)``, ``video_index`` int64 ``(B,)`` (which video of the split a clip
+comes from, used to average the test views of one video).
+
+Sampling follows SlowFast/TimeSformer: a clip is ``num_frames`` frames taken every
+``sampling_rate`` frames. Training: one random clip per video, random resized crop, optional
+horizontal flip. Testing: ``test_clips`` clips uniformly spaced in time x ``test_crops`` spatial
+crops (left/centre/right or top/centre/bottom) of the short-side-resized frames.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fibo.data._pytorchvideo import ensure_pytorchvideo_importable
+from fibo.data.video_io import (
+    BadVideoError,
+    VideoInfo,
+    decode_all_frames,
+    parse_list_file,
+    probe_video,
+    scan_class_folders,
+)
+
+log = logging.getLogger(__name__)
+ON_BAD_VIDEO = ("skip", "error")
+
+
+class VideoClipDataset(Dataset):
+    """Map-style dataset of clips. Item ``i`` = video ``i // views``, view ``i % views``.
+
+    Args:
+        samples: ``(path, label, VideoInfo)`` triples (already probed).
+        num_frames, sampling_rate: clip length in frames and the stride between them.
+        crop_size: output side in pixels.
+        train: random clip/crop/flip (one view per video) or deterministic test views.
+        views: ``(clips, crops)`` per video when not training.
+        mean, std: per-channel normalisation of [0, 1] pixel values.
+        hflip: probability of a horizontal flip in training (0 for direction-defined classes).
+        scale: area range of the training random resized crop.
+        on_bad_video: ``skip`` (log, count, use the next video) or ``error`` (raise) when a video
+            fails to decode here despite the probe.
+        frames: optional decoded videos (uint8 ``(C, T, H, W)`` per sample) to slice clips from
+            instead of decoding files each time.
+    """
+
+    def __init__(self, samples, num_frames: int, sampling_rate: int, crop_size: int, train: bool,
+                 views: tuple[int, int] = (1, 1), mean: Sequence[float] = (0.45,) * 3,
+                 std: Sequence[float] = (0.225,) * 3, hflip: float = 0.5, scale: Sequence[float] = (0.08, 1.0),
+                 on_bad_video: str = "skip", frames: list[torch.Tensor] | None = None) -> None:
+        ensure_pytorchvideo_importable()
+        self.samples = list(samples)
+        self.frames = frames
+        self.num_frames, self.sampling_rate, self.crop_size, self.train = num_frames, sampling_rate, crop_size, train
+        self.clips, self.crops = (1, 1) if train else views
+        self.mean = torch.tensor(mean).view(-1, 1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1, 1)
+        self.hflip, self.scale, self.on_bad_video = hflip, tuple(scale), on_bad_video
+        self.runtime_failures: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.clips * self.crops
+
+    def _clip_start(self, info: VideoInfo, clip_idx: int) -> float:
+        span = self.num_frames * self.sampling_rate / info.fps  # seconds
+        slack = max(0.0, info.duration - span)
+        if self.train:
+            return float(torch.rand(()).item()) * slack
+        return slack / 2 if self.clips == 1 else slack * clip_idx / (self.clips - 1)
+
+    def _load(self, video_idx: int, clip_idx: int, crop_idx: int) -> torch.Tensor:
+        from pytorchvideo.data.encoded_video import EncodedVideo
+        from pytorchvideo.transforms import functional as PVF
+
+        path, _, info = self.samples[video_idx]
+        start = self._clip_start(info, clip_idx)
+        if self.frames is not None:  # frame units, as SlowFast: T frames every sampling_rate frames
+            cached = self.frames[video_idx]
+            first = min(int(round(start * info.fps)), cached.shape[1] - 1)
+            index = (first + torch.arange(self.num_frames) * self.sampling_rate).clamp_(max=cached.shape[1] - 1)
+            clip = cached[:, index].float() / 255.0
+        else:
+            end = start + self.num_frames * self.sampling_rate / info.fps
+            video = EncodedVideo.from_path(str(path), decode_audio=False, decoder="pyav")
+            try:
+                frames = video.get_clip(start, end)["video"]  # (C, T', H, W) float 0..255
+            finally:
+                video.close()
+            if frames is None or frames.shape[1] == 0:
+                raise BadVideoError(path, f"no frames decoded between {start:.2f}s and {end:.2f}s")
+            clip = PVF.uniform_temporal_subsample(frames, self.num_frames, temporal_dim=1) / 255.0
+        if self.train:
+            clip = PVF.random_resized_crop(clip, self.crop_size, self.crop_size, scale=self.scale,
+                                           aspect_ratio=(3 / 4, 4 / 3))
+            if self.hflip > 0 and torch.rand(()) < self.hflip:
+                clip = clip.flip(-1)
+        else:
+            clip = PVF.short_side_scale(clip, self.crop_size)
+            spatial_idx = 1 if self.crops == 1 else min(crop_idx, 2)
+            clip = PVF.uniform_crop(clip, self.crop_size, spatial_idx)
+        return (clip - self.mean) / self.std
+
+    def __getitem__(self, i: int):
+        views = self.clips * self.crops
+        for attempt in range(len(self.samples)):
+            video_idx = (i // views + attempt) % len(self.samples)
+            clip_idx, crop_idx = divmod(i % views, self.crops)
+            try:
+                clip = self._load(video_idx, clip_idx, crop_idx)
+                return clip, self.samples[video_idx][1], video_idx
+            except Exception as err:  # noqa: BLE001 - decoding errors come in many types
+                path = self.samples[video_idx][0]
+                if self.on_bad_video == "error":
+                    raise BadVideoError(path, f"failed to decode a clip ({err}); fix or remove the file, or set data.on_bad_video=skip") from err
+                log.warning("skipping %s: failed to decode a clip (%s)", path, err)
+                self.runtime_failures.append(str(path))
+        raise RuntimeError("no video of this split could be decoded")
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Action recognition clips from class-named folders or ``path label`` list files.
+
+    Sources, first match wins:
+
+    * ``train_list`` (and ``val_list``, ``test_list``): list files (paths relative to ``root`` if
+      set, else to the list file);
+    * ``root`` with ``train/``, ``val/`` and optionally ``test/`` class folders (``test`` defaults to
+      ``val`` when missing);
+    * ``generate=moving_digits``: the embedded dataset, written to ``root`` on first use.
+
+    Args:
+        num_frames (T), sampling_rate: clip = T frames every ``sampling_rate`` frames.
+        img_size: crop side in pixels (what the model sees); ``patch_size`` is checked against it.
+        test_clips, test_crops: test views per video (logits averaged per video).
+        cache_frames: decode every video once at setup and keep its frames in memory (for small
+            datasets such as the embedded one; a full decode also catches damage anywhere in a file).
+        on_bad_video: ``skip``: unusable videos (missing, empty, corrupt, truncated, audio-only,
+            shorter than a clip) are left out with a warning naming each, counted in
+            ``skipped_videos`` (logged to MLflow); ``error``: the first one raises.
+
+    Raises:
+        FileNotFoundError / ValueError: missing folders or list files, malformed lines, bad sizes,
+        every video of a split unusable, ``data.num_classes`` not matching the data.
+    """
+
+    def __init__(self, root: str | None = None, train_list: str | None = None, val_list: str | None = None,
+                 test_list: str | None = None, generate: str | None = None, num_classes: int = 4,
+                 in_chans: int = 3, img_size: int = 32, patch_size: int = 4, num_frames: int = 8,
+                 sampling_rate: int = 2, test_clips: int = 2, test_crops: int = 1, batch_size: int = 16,
+                 num_workers: int = 0, mean: Sequence[float] = (0.45, 0.45, 0.45),
+                 std: Sequence[float] = (0.225, 0.225, 0.225), hflip: float = 0.5,
+                 scale: Sequence[float] = (0.08, 1.0), on_bad_video: str = "skip", cache_frames: bool = False,
+                 **unused: Any) -> None:
+        super().__init__()
+        from fibo.models.vit import check_patch_grid
+
+        if unused:
+            raise ValueError(f"unknown video data option(s) {sorted(unused)}")
+        check_patch_grid(img_size, patch_size)
+        if on_bad_video not in ON_BAD_VIDEO:
+            raise ValueError(f"data.on_bad_video={on_bad_video!r}: choose one of {list(ON_BAD_VIDEO)}")
+        if generate not in (None, "moving_digits"):
+            raise ValueError(f"data.generate={generate!r}: the only embedded dataset is 'moving_digits'")
+        if not (root or train_list):
+            raise ValueError("video data needs data.root=<folder with train/ and val/ class folders> "
+                             "or data.train_list=<file of '<path> <label>' lines>")
+        self.root = Path(root).expanduser() if root else None
+        self.lists = {"train": train_list, "val": val_list, "test": test_list}
+        self.generate, self.num_classes, self.in_chans = generate, num_classes, in_chans
+        self.img_size, self.patch_size = img_size, patch_size
+        self.num_frames, self.sampling_rate = num_frames, sampling_rate
+        self.views = (test_clips, test_crops)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.mean, self.std, self.hflip, self.scale = tuple(mean), tuple(std), hflip, tuple(scale)
+        self.on_bad_video, self.cache_frames = on_bad_video, cache_frames
+        self.skipped_videos: list[tuple[str, str]] = []
+        self.datasets: dict[str, VideoClipDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.generate == "moving_digits":
+            from fibo.data.moving_digits import generate
+
+            generate(self.root)
+
+    def _split_samples(self) -> dict[str, list[tuple[Path, int]]]:
+        if self.lists["train"]:
+            out = {}
+            for split in ("train", "val", "test"):
+                src = self.lists[split] or (self.lists["val"] if split == "test" else None)
+                if src is None:
+                    raise ValueError(f"data.{split}_list is not set (train_list is): give a list file for it")
+                out[split] = parse_list_file(src, self.root)
+            return out
+        train, classes = scan_class_folders(self.root / "train")
+        val, _ = scan_class_folders(self.root / "val", classes)
+        test = scan_class_folders(self.root / "test", classes)[0] if (self.root / "test").is_dir() else val
+        if len(classes) != self.num_classes:
+            raise ValueError(f"data.num_classes={self.num_classes} but {self.root / 'train'} has "
+                             f"{len(classes)} class folders: set data.num_classes={len(classes)}")
+        self.classes = classes
+        return {"train": train, "val": val, "test": test}
+
+    def _probe(self, split: str, samples) -> tuple[list, list | None]:
+        min_frames = (self.num_frames - 1) * self.sampling_rate + 1
+        good, frames = [], [] if self.cache_frames else None
+        for path, label in samples:
+            if label >= self.num_classes:
+                raise ValueError(f"{path}: label {label} >= data.num_classes={self.num_classes}")
+            try:
+                info = probe_video(path, min_frames)
+                if frames is not None:
+                    decoded = decode_all_frames(path)
+                    if decoded.shape[1] < min_frames:
+                        raise BadVideoError(path, f"decodes to {decoded.shape[1]} frames but a clip needs {min_frames} (truncated?)")
+                    info = VideoInfo(info.fps, decoded.shape[1], decoded.shape[1] / info.fps)
+                    frames.append(decoded)
+                good.append((path, label, info))
+            except BadVideoError as err:
+                if self.on_bad_video == "error":
+                    raise BadVideoError(err.path, err.reason + " (data.on_bad_video=error; set it to skip to leave such files out)") from None
+                log.warning("skipping %s video %s", split, err)
+                self.skipped_videos.append((err.path, err.reason))
+        if not good:
+            raise ValueError(f"no usable video in the {split} split ({len(samples)} listed, all skipped)")
+        return good, frames
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.prepare_data()
+        common = dict(num_frames=self.num_frames, sampling_rate=self.sampling_rate, crop_size=self.img_size,
+                      mean=self.mean, std=self.std, on_bad_video=self.on_bad_video)
+        for split, samples in self._split_samples().items():
+            probed, frames = self._probe(split, samples)
+            self.datasets[split] = VideoClipDataset(probed, train=split == "train", views=self.views, hflip=self.hflip,
+                                                    scale=self.scale, frames=frames, **common)
+        if self.skipped_videos:
+            log.warning("left out %d unusable video(s) (data.on_bad_video=skip)", len(self.skipped_videos))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def data_report(self) -> dict[str, Any]:
+        """Counts for logging: videos per split and videos left out as unusable."""
+        report = {f"data/{k}_videos": len(v.samples) for k, v in self.datasets.items()}
+        report["data/skipped_videos"] = len(self.skipped_videos) + sum(len(d.runtime_failures) for d in self.datasets.values())
+        return report

@@ -1,0 +1,158 @@
+"""Finding, listing and checking videos. Decoding goes through pytorchvideo (PyAV backend).
+
+Errors name the file and the fix. The DataModule applies the ``on_bad_video`` policy to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+
+
+class BadVideoError(Exception):
+    """A video that cannot be used: ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the probe read: frames per second, frame count and duration in seconds."""
+
+    fps: float
+    num_frames: int
+    duration: float
+
+
+def probe_video(path: str | Path, min_frames: int = 1) -> VideoInfo:
+    """Open ``path`` with PyAV, check that it has a video stream with at least ``min_frames``
+    frames and that its first frame decodes, and return its :class:`VideoInfo`. Cheap (header and
+    one frame); damage further into a file shows when its clips are decoded.
+
+    Raises:
+        BadVideoError: missing, empty, unreadable/corrupt, audio-only, or shorter than ``min_frames``.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadVideoError(path, "file not found (check the path in the list file or data.root)")
+    if path.stat().st_size == 0:
+        raise BadVideoError(path, "empty file (0 bytes); re-export or remove it")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams}) or ["none"]
+                raise BadVideoError(path, f"no video stream (streams: {', '.join(kinds)}); an audio-only file cannot be a clip")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            count = stream.frames
+            if not count and stream.duration and stream.time_base and fps:
+                count = int(round(float(stream.duration * stream.time_base) * fps))
+            first = next(iter(container.decode(stream)), None)
+    except BadVideoError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as err:  # corrupt or truncated data
+        raise BadVideoError(path, f"cannot be decoded ({type(err).__name__}: {err}); the file is corrupt or truncated") from err
+    if first is None or not count:
+        raise BadVideoError(path, "no decodable frames (empty or truncated video)")
+    if fps <= 0:
+        raise BadVideoError(path, "no frame rate in the container")
+    if count < min_frames:
+        raise BadVideoError(
+            path, f"has {count} frames but a clip needs {min_frames} ((data.num_frames - 1) x data.sampling_rate + 1); "
+            f"lower those or remove the video"
+        )
+    return VideoInfo(fps=fps, num_frames=count, duration=count / fps)
+
+
+def decode_all_frames(path: str | Path) -> torch.Tensor:
+    """Every frame of ``path`` as uint8 ``(C, T, H, W)``, decoded by pytorchvideo's PyAV backend.
+
+    Raises:
+        BadVideoError: the file cannot be decoded to the end.
+    """
+    from fibo.data._pytorchvideo import ensure_pytorchvideo_importable
+
+    ensure_pytorchvideo_importable()
+    from pytorchvideo.data.encoded_video import EncodedVideo
+
+    try:
+        video = EncodedVideo.from_path(str(path), decode_audio=False, decoder="pyav")
+        try:
+            frames = video.get_clip(0, float(video.duration))["video"]
+        finally:
+            video.close()
+    except Exception as err:  # noqa: BLE001 - PyAV raises many error types
+        raise BadVideoError(path, f"cannot be decoded ({type(err).__name__}: {err}); the file is corrupt or truncated") from err
+    if frames is None or frames.shape[1] == 0:
+        raise BadVideoError(path, "no decodable frames (empty or truncated video)")
+    return frames.clamp_(0, 255).to(torch.uint8)
+
+
+def parse_list_file(list_file: str | Path, root: str | Path | None = None) -> list[tuple[Path, int]]:
+    """Read ``<path> <label>`` lines (the layout of NTU / Smarthome / N-UCLA lists).
+
+    The label is the last whitespace-separated token, so paths may contain spaces. Relative paths
+    are resolved against ``root`` if given, else against the list file's folder. Blank lines and
+    lines starting with ``#`` are ignored.
+
+    Raises:
+        FileNotFoundError: the list file is missing.
+        ValueError: a malformed line, naming the file, line number and the expected format.
+    """
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise FileNotFoundError(f"video list {list_file} not found (expected lines '<path> <integer label>')")
+    base = Path(root) if root else list_file.parent
+    samples = []
+    for line_no, raw in enumerate(list_file.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+            raise ValueError(
+                f"{list_file}:{line_no}: malformed line {raw!r}: expected '<path> <integer label>' "
+                f"with a label >= 0"
+            )
+        path = Path(parts[0])
+        samples.append((path if path.is_absolute() else base / path, int(parts[1])))
+    if not samples:
+        raise ValueError(f"video list {list_file} has no entries")
+    return samples
+
+
+def scan_class_folders(folder: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``folder/<class>/**/<video>`` -> samples and sorted class names (UCF101 / HMDB51 / Kinetics
+    layout). With ``classes`` given (from the training split), labels follow that order.
+
+    Raises:
+        FileNotFoundError: ``folder`` missing or holding no class folders with videos.
+        ValueError: a class folder that the training split does not have.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"video folder {folder} not found: expected {folder}/<class_name>/<video files>")
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{folder} has class folders {unknown} that the training split does not have")
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [
+        (p, index[c]) for c in found for p in sorted((folder / c).rglob("*"))
+        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
+    ]
+    if not samples:
+        raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {folder}/<class_name>/")
+    return samples, classes

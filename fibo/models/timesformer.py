@@ -1,0 +1,228 @@
+"""TimeSformer (Bertasius et al., ICML 2021) with fibo attention: divided space-time, joint, or
+space-only attention over the patch tokens of T frames.
+
+Tokens are ``[CLS] + T x P`` patch tokens in time-major order (frame 0's P patches in raster order,
+then frame 1's, ...). Divided attention (the paper's default), per block:
+
+1. temporal attention across the T frames at each patch position (no CLS), added back through a
+   zero-initialised linear layer ``temporal_fc`` (so a fresh model starts as a per-frame image ViT);
+2. spatial attention within each frame over ``[CLS] + P`` tokens, the CLS token repeated per frame
+   and its T outputs averaged back into one CLS token;
+3. the MLP.
+
+Fibottention (``attention``) applies to spatial attention; ``attention.temporal`` chooses the
+temporal pattern (``dense``, or ``fibottention``: the same pattern and options over T frames, no
+CLS). ``attention_type=joint`` attends over all ``1 + T*P`` tokens at once (the pattern's offsets
+then run along the time-major token order, so offsets < P stay within a frame and multiples of P
+link the same patch across frames); ``space_only`` treats frames independently.
+
+The spatial parts keep timm's ViT names (``patch_embed``, ``cls_token``, ``pos_embed``,
+``blocks.i.{norm1,attn,norm2,mlp}``, ``norm``, ``head``), so an image checkpoint of fibo's ViT (or
+timm ViT weights) initialises the video model through :meth:`TimeSformer.load_image_weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from einops import rearrange
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from torch import nn
+
+from fibo.attention import Attention, AttentionSpec
+from fibo.models.vit import Block, check_patch_grid
+
+log = logging.getLogger(__name__)
+ATTENTION_TYPES = ("divided", "joint", "space_only")
+
+
+def split_attention_config(attention: Mapping[str, Any] | AttentionSpec | None) -> tuple[AttentionSpec, AttentionSpec]:
+    """``(spatial, temporal)`` specs from one ``attention`` config whose ``temporal`` key is
+    ``dense`` (default) or the spatial pattern's name (same options, applied over frames).
+
+    Raises:
+        ValueError: ``temporal`` names another pattern.
+    """
+    if isinstance(attention, AttentionSpec) or attention is None:
+        spatial = AttentionSpec.parse(attention)
+        return spatial, AttentionSpec()
+    cfg = dict(attention)
+    temporal = cfg.pop("temporal", "dense") or "dense"
+    spatial = AttentionSpec.parse(cfg)
+    if temporal == "dense":
+        return spatial, AttentionSpec(mask_semantics=spatial.mask_semantics)
+    if temporal != spatial.name:
+        raise ValueError(f"attention.temporal={temporal!r}: choose 'dense' or {spatial.name!r} (the spatial pattern)")
+    return spatial, spatial
+
+
+class DividedBlock(Block):
+    """A ViT block (fibo attention, timm layers and names) plus TimeSformer's temporal branch."""
+
+    def __init__(self, dim: int, num_heads: int, *, temporal_attention: AttentionSpec | None = None,
+                 attention_type: str = "divided", depth: int = 0, qkv_bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(dim, num_heads, depth=depth, qkv_bias=qkv_bias, **kwargs)
+        self.attention_type = attention_type
+        if attention_type == "divided":
+            self.temporal_norm1 = nn.LayerNorm(dim, eps=1e-6)
+            self.temporal_attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attention=temporal_attention,
+                                           layer_index=depth, num_prefix_tokens=0)
+            self.temporal_fc = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:  # type: ignore[override]
+        """``(B, 1 + T*P, D)`` -> same shape."""
+        if self.attention_type == "joint":
+            return super().forward(x)
+        B, _, D = x.shape
+        T = num_frames
+        cls, patches = x[:, :1], x[:, 1:]
+        P = patches.shape[1] // T
+        if self.attention_type == "divided":
+            xt = rearrange(patches, "b (t p) d -> (b p) t d", t=T)
+            res_t = self.temporal_attn(self.temporal_norm1(xt))
+            res_t = rearrange(res_t, "(b p) t d -> b (t p) d", b=B)
+            patches = patches + self.drop_path1(self.temporal_fc(res_t))
+        xs = rearrange(patches, "b (t p) d -> (b t) p d", t=T)
+        cls_rep = cls.repeat_interleave(T, dim=0)  # (B*T, 1, D): the CLS token in every frame
+        res_s = self.ls1(self.attn(self.norm1(torch.cat([cls_rep, xs], dim=1))))
+        cls_out = res_s[:, :1].reshape(B, T, D).mean(dim=1, keepdim=True)  # averaged back over frames
+        res_p = rearrange(res_s[:, 1:], "(b t) p d -> b (t p) d", b=B)
+        x = torch.cat([cls, patches], dim=1) + self.drop_path1(torch.cat([cls_out, res_p], dim=1))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class TimeSformer(nn.Module):
+    """Video transformer over clips ``(B, C, T, H, W)`` -> logits ``(B, num_classes)`` (CLS pooling).
+
+    Args:
+        img_size, patch_size: frame side and patch side in pixels (divisible).
+        num_frames: T, the frames per clip the time embedding is built for (other T are interpolated).
+        attention: the ``attention`` config (pattern of spatial attention; ``temporal`` key: the
+            temporal pattern); ``attention_type``: ``divided`` | ``joint`` | ``space_only``.
+        pretrained: optional path of an image (fibo/timm ViT) or video checkpoint to initialise from.
+        other arguments: as timm's VisionTransformer.
+
+    Raises:
+        ValueError: bad sizes, unknown attention type or pattern.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 8, in_chans: int = 3,
+                 num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, attention: Mapping[str, Any] | AttentionSpec | None = None,
+                 attention_type: str = "divided", pretrained: str | None = None) -> None:
+        super().__init__()
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type={attention_type!r}: choose one of {list(ATTENTION_TYPES)}")
+        grid = check_patch_grid(img_size, patch_size)
+        self.attention_spec, self.temporal_spec = split_attention_config(attention)
+        self.attention_type, self.num_frames = attention_type, num_frames
+        self.num_patch_tokens = grid[0] * grid[1]
+        self.num_classes, self.embed_dim = num_classes, embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patch_tokens, embed_dim))
+        self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            DividedBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
+                         drop_path=dpr[i], attention=self.attention_spec, temporal_attention=self.temporal_spec,
+                         attention_type=attention_type, depth=i, norm_layer=nn.LayerNorm)
+            for i in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        self._init_weights()
+        if pretrained:
+            self.load_image_weights(torch.load(pretrained, map_location="cpu", weights_only=False))
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for blk in self.blocks:  # the temporal branch starts as a no-op
+            if hasattr(blk, "temporal_fc"):
+                nn.init.zeros_(blk.temporal_fc.weight)
+                nn.init.zeros_(blk.temporal_fc.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "time_embed"}
+
+    def _time_embed(self, T: int) -> torch.Tensor:
+        if T == self.time_embed.shape[1]:
+            return self.time_embed
+        return nn.functional.interpolate(self.time_embed.transpose(1, 2), size=T, mode="linear",
+                                         align_corners=False).transpose(1, 2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, T, H, W)`` -> tokens ``(B, 1 + T*P, D)`` after the final norm."""
+        if x.ndim != 5:
+            raise ValueError(f"TimeSformer expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
+        B, _, T = x.shape[:3]
+        frames = rearrange(x, "b c t h w -> (b t) c h w")
+        tokens = self.patch_embed(frames)  # (B*T, P, D)
+        tokens = tokens + self.pos_embed[:, 1:]
+        tokens = rearrange(tokens, "(b t) p d -> b t p d", b=B) + self._time_embed(T)[:, :, None]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
+        x = self.pos_drop(torch.cat([cls, rearrange(tokens, "b t p d -> b (t p) d")], dim=1))
+        for blk in self.blocks:
+            x = blk(x, T)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, T, H, W)`` -> logits ``(B, num_classes)``."""
+        return self.head(self.forward_features(x)[:, 0])
+
+    def attention_density(self) -> dict[str, float]:
+        """Densities actually used (mean over layers): spatial attention at P patch tokens (or the
+        joint attention at T*P tokens), and ``temporal_density`` over T frames."""
+        n = self.num_patch_tokens * (self.num_frames if self.attention_type == "joint" else 1)
+        per_layer = [blk.attn.density(n) for blk in self.blocks]
+        out = {k: sum(d[k] for d in per_layer) / len(per_layer) for k in per_layer[0]}
+        if self.attention_type == "divided":
+            out["temporal_density"] = sum(blk.temporal_attn.density(self.num_frames)["density"] for blk in self.blocks) / len(self.blocks)
+        return out
+
+    def load_image_weights(self, checkpoint: Mapping[str, Any]) -> dict[str, list[str]]:
+        """Initialise from an image ViT (fibo/Lightning checkpoint or timm state dict) or a video
+        checkpoint. Position and time embeddings are interpolated to this model's grid and frame
+        count; a classifier head of another size is left as initialised. Every key that does not
+        load is reported (logged and returned), never silently skipped.
+
+        Returns:
+            ``{"missing": [...], "unexpected": [...], "resized": [...], "skipped": [...]}``.
+        """
+        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+        state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+        own = self.state_dict()
+        report: dict[str, list[str]] = {"resized": [], "skipped": []}
+        if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+            side = int(round(self.num_patch_tokens ** 0.5))
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(side, side), num_prefix_tokens=1)
+            report["resized"].append("pos_embed")
+        if "time_embed" in state and state["time_embed"].shape != own["time_embed"].shape:
+            te = state["time_embed"].transpose(1, 2)
+            state["time_embed"] = nn.functional.interpolate(te, size=self.num_frames, mode="linear", align_corners=False).transpose(1, 2)
+            report["resized"].append("time_embed")
+        for key in list(state):
+            if key in own and state[key].shape != own[key].shape:
+                report["skipped"].append(f"{key} {tuple(state[key].shape)} != {tuple(own[key].shape)}")
+                del state[key]
+        result = self.load_state_dict(state, strict=False)
+        report["missing"], report["unexpected"] = list(result.missing_keys), list(result.unexpected_keys)
+        for kind in ("missing", "unexpected", "skipped"):
+            if report[kind]:
+                log.warning("load_image_weights: %d %s key(s): %s", len(report[kind]), kind, ", ".join(report[kind][:12])
+                            + (" ..." if len(report[kind]) > 12 else ""))
+        return report
