@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -129,31 +130,31 @@ def table_from_offsets(head_offsets: list[list[int]], num_tokens: int, cls_token
     start = time.perf_counter()
     n, c = num_tokens, int(bool(cls_token))
     L = n + c
-    t = torch.arange(n)
+    t = np.arange(n, dtype=np.int64)  # NumPy: single-threaded, no parallel-region latency on small ops
     all_counts, all_cols = [], []
     for offs in head_offsets:
         valid_o = sorted({int(o) for o in offs if 0 <= o < n})
-        signed = sorted(set(valid_o) | {-o for o in valid_o} | {0})
-        s = torch.tensor(signed, dtype=torch.int64)
-        keys = t[:, None] + s[None, :]  # (N, |S|)
+        signed = np.array(sorted(set(valid_o) | {-o for o in valid_o} | {0}), dtype=np.int64)
+        keys = t[:, None] + signed[None, :]  # (N, |S|)
         valid = (keys >= 0) & (keys < n)
-        zero_col = signed.index(0)
+        zero_col = int(np.searchsorted(signed, 0))
         if 0 not in valid_o:  # offset 0 is not part of the pattern: only for rows left empty
             valid[:, zero_col] = False
             if not c:
                 valid[:, zero_col] = ~valid.any(1)
-        if c:
-            keys = torch.cat([torch.full((n, 1), -1), keys], 1)
-            valid = torch.cat([torch.ones(n, 1, dtype=torch.bool), valid], 1)
-            all_counts += [torch.tensor([L]), valid.sum(1)]
-            all_cols += [torch.arange(L), keys[valid] + 1]
+        if c:  # CLS row: every key; patch rows: CLS first, then their patch keys (shifted by one)
+            keys = np.concatenate([np.full((n, 1), -1, dtype=np.int64), keys], 1) + 1
+            valid = np.concatenate([np.ones((n, 1), dtype=bool), valid], 1)
+            all_counts += [np.array([L]), valid.sum(1)]
+            all_cols += [np.arange(L), keys[valid]]
         else:
             all_counts.append(valid.sum(1))
             all_cols.append(keys[valid])
-    counts = torch.cat(all_counts)
-    row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=row_ptr[1:])
-    cols = torch.cat(all_cols).to(torch.int32).contiguous()
+    counts = np.concatenate(all_counts)
+    row_ptr = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    row_ptr = torch.from_numpy(row_ptr)
+    cols = torch.from_numpy(np.concatenate(all_cols).astype(np.int32))
     # symmetric: |q - k| patterns, a dense CLS row *and* column, self only on the diagonal
     return IndexTable(row_ptr, cols, row_ptr, cols, len(head_offsets), L, time.perf_counter() - start)
 
