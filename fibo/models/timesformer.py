@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -131,7 +132,7 @@ class TimeSformer(nn.Module):
         self.blocks = nn.ModuleList([
             DividedBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
                          drop_path=dpr[i], attention=self.attention_spec, temporal_attention=self.temporal_spec,
-                         attention_type=attention_type, depth=i, norm_layer=nn.LayerNorm)
+                         attention_type=attention_type, depth=i, norm_layer=partial(nn.LayerNorm, eps=1e-6))
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

