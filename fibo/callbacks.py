@@ -14,20 +14,23 @@ def _batch_size(batch) -> int:
 
 
 class EpochThroughput(L.Callback):
-    """Logs ``train/throughput``: training samples per second (forward, backward and optimizer step,
-    data loading included) over each training epoch, measured on rank zero."""
+    """Logs ``train/throughput``: training samples per second over each training epoch, from the
+    epoch's start to its last training batch (data loading, forward, backward and optimizer step
+    included; the validation run at the end of the epoch excluded), measured on rank zero."""
 
     def __init__(self) -> None:
-        self._start = 0.0
+        self._start = self._last = 0.0
         self._samples = 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start, self._samples = time.perf_counter(), 0
+        self._start = self._last = time.perf_counter()
+        self._samples = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += _batch_size(batch)
+        self._last = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        elapsed = time.perf_counter() - self._start
+        elapsed = self._last - self._start
         if self._samples and elapsed > 0:
             pl_module.log("train/throughput", self._samples / elapsed, on_epoch=True, rank_zero_only=True)

@@ -107,14 +107,32 @@ def train(cfg: DictConfig) -> float | None:
             tested = trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
             result = tested[0].get("test/acc1") if tested else None
     except (KeyboardInterrupt, SystemExit) as err:
+        _log_data_report(logger, locals().get("datamodule"))
         end_run(logger, "KILLED", err)
         raise
     except BaseException as err:
+        _log_data_report(logger, locals().get("datamodule"))
         end_run(logger, "FAILED", err)
         raise
+    _log_data_report(logger, datamodule)
     end_run(logger, "FINISHED")
     _report(cfg, logger, choices, metrics, result)
     return None if result is None else float(result)
+
+
+def _log_data_report(logger, datamodule) -> None:
+    """Counts a DataModule reports (e.g. videos left out as unusable) as metrics, and the list of
+    skipped files as an artifact."""
+    if datamodule is None or not hasattr(datamodule, "data_report"):
+        return
+    try:
+        logger.log_metrics({k: float(v) for k, v in datamodule.data_report().items()})
+        skipped = getattr(datamodule, "skipped_videos", None)
+        if skipped:
+            text = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
+            logger.experiment.log_text(logger.run_id, text, "data/skipped_videos.tsv")
+    except Exception as err:  # noqa: BLE001 - reporting must never hide the run's own outcome
+        log.warning("could not log the data report: %s", err)
 
 
 def _report(cfg: DictConfig, logger, choices: dict, metrics: dict, result) -> None:

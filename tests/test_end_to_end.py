@@ -86,3 +86,19 @@ def test_multirun_sweep_logs_one_run_per_job(tmp_path, run_fibo):
     assert combos == [("dense", "0"), ("dense", "1"), ("fibottention", "0"), ("fibottention", "1")]
     dens = {r.data.tags["choice.attention"]: r.data.metrics["attention/density"] for r in runs}
     assert dens["dense"] == 1.0 and dens["fibottention"] < 0.3
+
+
+def test_video_fast_dev_run_through_fibo_run(tmp_path, run_fibo):
+    """The headline command on the embedded videos (written on first use), one batch of each stage."""
+    result = run_fibo("task=video", "model=timesformer_fibo", "debug=fast_dev_run", "data.cache_frames=false",
+                      root=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list((tmp_path / "data" / "moving_digits").rglob("*.mp4"))) == 672
+    _, runs = mlflow_runs(tmp_path)
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["choice.model"] == "timesformer_fibo" and run.data.params["attention/name"] == "fibottention"
+    metrics = run.data.metrics
+    assert metrics["data/train_videos"] == 480 and metrics["data/skipped_videos"] == 0
+    assert "test/acc1" in metrics and metrics["test/videos"] == 8  # fast_dev_run: one batch = 8 videos x 2 clips
+    assert 0 < metrics["attention/density_patch"] < 0.2
