@@ -56,16 +56,17 @@ def test_divided_attention_shapes_and_cls_averaging():
 
 @pytest.mark.parametrize("attention", ["dense", "fibottention"])
 def test_fresh_model_equals_image_vit_per_frame(attention):
-    """Zero-initialised temporal branch and time embedding: a clip of T copies of one frame gives
-    the image ViT's output for that frame."""
+    """Zero-initialised temporal branch, image weights (which zero the time embedding): a clip of
+    T copies of one frame gives the image ViT's output for that frame."""
     torch.manual_seed(0)
     vit = create_model("vit_nano", img_size=16, patch_size=2, in_chans=3, num_classes=6, attention={"name": attention}).eval()
     video = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=6,
                          attention={"name": attention}).eval()
     report = video.load_image_weights(vit.state_dict())
     assert report["unexpected"] == [] and report["skipped"] == []
+    assert report["resized"] == ["time_embed (zeroed: image checkpoint)"]
     assert sorted(report["missing"]) == sorted(
-        ["time_embed"] + [f"blocks.{i}.{n}" for i in range(4) for n in (
+        [f"blocks.{i}.{n}" for i in range(4) for n in (
             "temporal_norm1.weight", "temporal_norm1.bias", "temporal_attn.qkv.weight", "temporal_attn.qkv.bias",
             "temporal_attn.proj.weight", "temporal_attn.proj.bias", "temporal_fc.weight", "temporal_fc.bias")])
     frame = torch.randn(2, 3, 16, 16)

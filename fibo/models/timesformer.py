@@ -144,6 +144,10 @@ class TimeSformer(nn.Module):
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
+        # From scratch, a zero time embedding would leave the model exactly invariant to frame order
+        # (temporal_fc is zero too), and the symmetry breaks only slowly: seen here as chance-level
+        # training for several epochs. Image initialisation zeroes it (load_image_weights).
+        trunc_normal_(self.time_embed, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
@@ -198,7 +202,9 @@ class TimeSformer(nn.Module):
     def load_image_weights(self, checkpoint: Mapping[str, Any]) -> dict[str, list[str]]:
         """Initialise from an image ViT (fibo/Lightning checkpoint or timm state dict) or a video
         checkpoint. Position and time embeddings are interpolated to this model's grid and frame
-        count; a classifier head of another size is left as initialised. Every key that does not
+        count; an image checkpoint (no time embedding) sets the time embedding to zero, so that with
+        the zero-initialised temporal branch the model starts as the image model applied to every
+        frame. A classifier head of another size is left as initialised. Every key that does not
         load is reported (logged and returned), never silently skipped.
 
         Returns:
@@ -212,7 +218,10 @@ class TimeSformer(nn.Module):
             side = int(round(self.num_patch_tokens ** 0.5))
             state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(side, side), num_prefix_tokens=1)
             report["resized"].append("pos_embed")
-        if "time_embed" in state and state["time_embed"].shape != own["time_embed"].shape:
+        if "time_embed" not in state:  # an image model: start as that model applied to every frame
+            state["time_embed"] = torch.zeros_like(own["time_embed"])
+            report["resized"].append("time_embed (zeroed: image checkpoint)")
+        elif state["time_embed"].shape != own["time_embed"].shape:
             te = state["time_embed"].transpose(1, 2)
             state["time_embed"] = nn.functional.interpolate(te, size=self.num_frames, mode="linear", align_corners=False).transpose(1, 2)
             report["resized"].append("time_embed")
