@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
 from fibo.attention import Attention, AttentionSpec
@@ -58,6 +58,16 @@ def split_attention_config(attention: Mapping[str, Any] | AttentionSpec | None) 
     if temporal != spatial.name:
         raise ValueError(f"attention.temporal={temporal!r}: choose 'dense' or {spatial.name!r} (the spatial pattern)")
     return spatial, spatial
+
+
+def _sincos_1d(length: int, dim: int) -> torch.Tensor:
+    """``(length, dim)`` sinusoidal embedding of positions ``0..length-1`` (Vaswani et al. 2017)."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float32) * 2 / dim)
+    out = torch.zeros(length, dim)
+    out[:, : dim // 2] = torch.sin(pos * freq)
+    out[:, dim // 2 : 2 * (dim // 2)] = torch.cos(pos * freq)
+    return out
 
 
 class DividedBlock(Block):
@@ -142,12 +152,16 @@ class TimeSformer(nn.Module):
             self.load_image_weights(torch.load(pretrained, map_location="cpu", weights_only=False))
 
     def _init_weights(self) -> None:
-        trunc_normal_(self.pos_embed, std=0.02)
+        # Sin-cos position (2D, over the patch grid) and time (1D, over frames) embeddings, kept
+        # learnable (as MAE initialises ViT position embeddings). With the usual small random or zero
+        # init, a model trained from scratch on few clips stayed at chance for many epochs here: the
+        # temporal branch starts at zero, so frame order enters only through the time embedding.
+        # Image initialisation (load_image_weights) replaces pos_embed and zeroes time_embed.
         trunc_normal_(self.cls_token, std=0.02)
-        # From scratch, a zero time embedding would leave the model exactly invariant to frame order
-        # (temporal_fc is zero too), and the symmetry breaks only slowly: seen here as chance-level
-        # training for several epochs. Image initialisation zeroes it (load_image_weights).
-        trunc_normal_(self.time_embed, std=0.02)
+        with torch.no_grad():
+            self.pos_embed.zero_()
+            self.pos_embed[0, 1:] = build_sincos2d_pos_embed(list(self.patch_embed.grid_size), dim=self.embed_dim)
+            self.time_embed[0] = _sincos_1d(self.num_frames, self.embed_dim)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
