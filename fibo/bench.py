@@ -12,9 +12,9 @@ width d in fp32 and all backends interleaved round-robin so machine load hits th
 * the pattern's build cost: index table (sparse), dense boolean mask (sdpa_mask), block mask (flex):
   time (ms) and memory (MiB);
 
-and the end-to-end training throughput (images/s, AdamW steps on random data) of ViT-S/16 at
-224 px, dense attention vs Fibottention (``backend: auto``). The joint space-time TimeSformer
-(8 x 196 tokens) is not measured here yet: the video model is being built separately.
+and the end-to-end training throughput (samples/s, AdamW steps on random data) of ViT-S/16 at
+224 px and (not with ``--quick``) of a joint space-time TimeSformer-S over 8 x 196 patch tokens,
+dense attention vs Fibottention (``backend: auto``).
 
 Backends: ``dense`` (SDPA without mask, the reference), ``sdpa_mask`` (SDPA with the boolean
 Fibottention mask: the dense-mask path), ``sparse`` (the fused CPU kernel of
@@ -224,38 +224,47 @@ def attention_rows(n: int, heads: int, dim: int, batch: int, backends: list[str]
 
 # ------------------------------------------------------------------ end to end
 
-def vit_throughput(batch: int, steps: int, device: torch.device, budget_s: float) -> list[dict]:
-    """Training images/s of ViT-S/16 at 224 px, dense vs Fibottention, steps interleaved."""
+E2E_MODELS = {
+    # label: (registry name, model kwargs, input shape without batch, patch tokens per attention call)
+    "vit_small_patch16_224": ("vit_small", dict(img_size=224, patch_size=16), (3, 224, 224), 196),
+    "timesformer_small_joint_8x196": ("timesformer_small", dict(img_size=224, patch_size=16, num_frames=8,
+                                                                attention_type="joint", drop_path_rate=0.0),
+                                      (3, 8, 224, 224), 8 * 196),
+}
+
+
+def train_throughput(label: str, batch: int, steps: int, device: torch.device, budget_s: float) -> list[dict]:
+    """Training samples/s (forward, backward, AdamW step; random data) of ``E2E_MODELS[label]``,
+    dense vs Fibottention (``backend: auto``), steps interleaved round-robin."""
+    from fibo.attention.backends import resolve_backend
     from fibo.models.registry import create_model
 
+    name, kwargs, shape, tokens = E2E_MODELS[label]
     models, opts = {}, {}
-    for name, attn in (("dense", {"name": "dense"}), ("fibottention", {"name": "fibottention", "backend": "auto"})):
+    for attn_name, attn in (("dense", {"name": "dense"}), ("fibottention", {"name": "fibottention", "backend": "auto"})):
         torch.manual_seed(0)
-        m = create_model("vit_small", img_size=224, patch_size=16, num_classes=100, attention=attn).to(device)
-        models[name] = m.train()
-        opts[name] = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        m = create_model(name, num_classes=100, attention=attn, **kwargs).to(device)
+        models[attn_name] = m.train()
+        opts[attn_name] = torch.optim.AdamW(m.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 224, 224, generator=g).to(device)
+    x = torch.randn(batch, *shape, generator=g).to(device)
     y = torch.randint(0, 100, (batch,), generator=g).to(device)
 
-    def step(name):
+    def step(key):
         def run():
-            opts[name].zero_grad(set_to_none=True)
-            F.cross_entropy(models[name](x), y).backward()
-            opts[name].step()
+            opts[key].zero_grad(set_to_none=True)
+            F.cross_entropy(models[key](x), y).backward()
+            opts[key].step()
         return run
 
     times = round_robin({k: step(k) for k in models}, device, budget_s, min(2, steps), steps)
-    from fibo.attention.backends import resolve_backend
-
-    used = resolve_backend("auto", device=device, num_tokens=196, dtype=torch.float32)
+    used = resolve_backend("auto", device=device, num_tokens=tokens, dtype=torch.float32)
     rows = []
-    for name, ts in times.items():
+    for key, ts in times.items():
         med, iqr = _stats(ts)
-        rows.append({"model": "vit_small_patch16_224", "attention": name,
-                     "backend": "sdpa" if name == "dense" else used, "batch": batch,
+        rows.append({"model": label, "attention": key, "backend": "sdpa" if key == "dense" else used, "batch": batch,
                      "step_ms": med, "step_iqr_ms": iqr, "images_per_s": batch / (med / 1e3),
-                     "density": models[name].attention_density()["density"], "steps": len(ts)})
+                     "density": models[key].attention_density()["density"], "steps": len(ts)})
     dense_ips = rows[0]["images_per_s"]
     for r in rows:
         r["ratio_to_dense"] = r["images_per_s"] / dense_ips
@@ -294,17 +303,16 @@ def markdown(rows, e2e_rows, args, env: dict) -> str:
                 f"{_fmt(r['peak_mib'], 1)} | {_fmt(r['build_ms'])} | {_fmt(r['build_mib'], 3)} | {r['note']} |")
         else:
             lines.append(f"| {r['N']} | {r['B']} | {r['backend']} | {100 * r['density']:.2f}% | | | | | | | | {r['note']} |")
-    lines += ["", "## End to end: ViT-S/16, 224 px, training (AdamW, random data)", ""]
+    lines += ["", "## End to end: training throughput (AdamW, random data; samples = images or clips)", ""]
     if e2e_rows:
-        lines += ["| attention | backend | batch | step ms (IQR) | images/s | ratio to dense | density | steps |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| model | attention | backend | batch | step ms (IQR) | samples/s | ratio to dense | density | steps |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in e2e_rows:
-            lines.append(f"| {r['attention']} | {r['backend']} | {r['batch']} | {_fmt(r['step_ms'], 0)} ({_fmt(r['step_iqr_ms'], 0)}) | "
+            lines.append(f"| {r['model']} | {r['attention']} | {r['backend']} | {r['batch']} | {_fmt(r['step_ms'], 0)} ({_fmt(r['step_iqr_ms'], 0)}) | "
                          f"{_fmt(r['images_per_s'])} | {_fmt(r['ratio_to_dense'], 3)} | {100 * r['density']:.2f}% | {r['steps']} |")
     else:
         lines.append("(skipped: --no-e2e)")
-    lines += ["", "Joint space-time TimeSformer (8 x 196 tokens): not measured yet (the video model is being "
-              "built in a separate task; add it here once `fibo.models.timesformer` exists).", ""]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -361,12 +369,14 @@ def main(argv=None) -> int:
                 print(f"N={n:6d} {r['backend']:10s} {r['note']}", flush=True)
     e2e = []
     if not args.no_e2e:
-        e2e = vit_throughput(args.e2e_batch or (2 if args.quick else 16), args.e2e_steps or (1 if args.quick else 6),
-                             device, 5.0 if args.quick else 90.0)
+        steps = args.e2e_steps or (1 if args.quick else 6)
+        e2e = train_throughput("vit_small_patch16_224", args.e2e_batch or (2 if args.quick else 16), steps,
+                               device, 5.0 if args.quick else 90.0)
+        if not args.quick:  # 1569 tokens per clip: minutes per step with dense attention on a CPU
+            e2e += train_throughput("timesformer_small_joint_8x196", 1, min(steps, 3), device, 120.0)
         for r in e2e:
-            print(f"ViT-S/16 224px train {r['attention']:12s} ({r['backend']}): {r['images_per_s']:.2f} images/s "
+            print(f"{r['model']} train {r['attention']:12s} ({r['backend']}): {r['images_per_s']:.2f} samples/s "
                   f"({r['ratio_to_dense']:.3f}x dense)", flush=True)
-    print("TimeSformer joint space-time (8 x 196 tokens): skipped, the video model is being built separately.")
     env = {"command": "fibo-bench " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
            "threads": torch.get_num_threads(), "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -405,7 +415,7 @@ def _log_mlflow(rows, e2e, args, csv_path, md_path) -> None:
                 if key in r and not (isinstance(r[key], float) and math.isnan(r[key])):
                     mlflow.log_metric(f"{r['backend']}/{key}", r[key], step=r["N"])
         for r in e2e:
-            mlflow.log_metric(f"vit_s16/{r['attention']}/images_per_s", r["images_per_s"])
+            mlflow.log_metric(f"{r['model']}/{r['attention']}/samples_per_s", r["images_per_s"])
         mlflow.log_artifact(str(csv_path))
         mlflow.log_artifact(str(md_path))
 

@@ -17,4 +17,13 @@ def test_bench_small_run_writes_csv_and_markdown(tmp_path):
         else:
             assert 0 < float(r["density"]) < 1 and float(r["build_mib"]) > 0
     md = (tmp_path / "b.md").read_text()
-    assert "| 70 | 22 | sparse |" in md and "TimeSformer" in md
+    assert "| 70 | 22 | sparse |" in md and "(skipped: --no-e2e)" in md
+
+
+def test_train_throughput_rows(monkeypatch):
+    monkeypatch.setitem(bench.E2E_MODELS, "tiny_video", ("timesformer_nano", dict(img_size=16, patch_size=4, num_frames=2,
+                                                                                   attention_type="joint"), (3, 2, 16, 16), 32))
+    rows = bench.train_throughput("tiny_video", batch=2, steps=2, device=bench.torch.device("cpu"), budget_s=1.0)
+    assert [(r["model"], r["attention"]) for r in rows] == [("tiny_video", "dense"), ("tiny_video", "fibottention")]
+    assert rows[0]["ratio_to_dense"] == 1.0 and rows[0]["density"] == 1.0
+    assert 0 < rows[1]["density"] < 1 and rows[1]["images_per_s"] > 0 and rows[1]["steps"] == 2
