@@ -47,7 +47,7 @@ def _log_config(logger, cfg: DictConfig, choices: dict, output_dir: Path) -> Non
 
 def _route_lightning_logs_through_hydra() -> None:
     """Lightning adds its own console handler; Hydra already logs to console and <run dir>/*.log."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         for handler in list(lg.handlers):
             lg.removeHandler(handler)
@@ -80,7 +80,11 @@ def train(cfg: DictConfig) -> float | None:
         if not ckpt.is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist: pass the path of a .ckpt file "
                                     f"(runs keep theirs in <run dir>/checkpoints/last.ckpt)")
-        run_id = run_id_in_checkpoint(ckpt)
+        try:
+            run_id = run_id_in_checkpoint(ckpt)
+        except Exception as err:  # noqa: BLE001 - torch.load raises many types for non-checkpoints
+            raise ValueError(f"ckpt_path={cfg.ckpt_path} is not a Lightning checkpoint that torch.load can read "
+                             f"({type(err).__name__}: {err}); pass a .ckpt written by fibo-run") from None
 
     logger = instantiate(cfg.logger, run_id=run_id)
     if run_id is not None:

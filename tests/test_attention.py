@@ -122,6 +122,10 @@ def test_bad_attention_configs():
         AttentionSpec.parse({"name": "fibottention", "window": 3})
     with pytest.raises(ValueError, match="mask_semantics='zero' is not one of"):
         AttentionSpec.parse({"name": "fibottention", "mask_semantics": "zero"})
+    with pytest.raises(ValueError, match=r"^attention.modified='maybe' must be true or false \(attention=fibottention\)$"):
+        AttentionSpec.parse({"name": "fibottention", "modified": "maybe"})
+    with pytest.raises(ValueError, match=r"^attention.w_min=2.7 must be an integer"):
+        AttentionSpec.parse({"name": "fibottention", "w_min": 2.7})
     with pytest.raises(ValueError, match="width 50 is not divisible by num_heads=3"):
         Attention(50, num_heads=3)
 

@@ -77,6 +77,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, run_fibo):
     assert f"ckpt_path={tmp_path / 'nope.ckpt'} does not exist" in result.stderr
 
 
+def test_checkpoint_that_is_not_one_is_a_clear_error(tmp_path, run_fibo):
+    bogus = tmp_path / "notes.ckpt"
+    bogus.write_text("not a checkpoint")
+    result = run_fibo(f"ckpt_path={bogus}", root=tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert f"ckpt_path={bogus} is not a Lightning checkpoint that torch.load can read" in result.stderr
+
+
 def test_multirun_sweep_logs_one_run_per_job(tmp_path, run_fibo):
     result = run_fibo("-m", "attention=dense,fibottention", "seed=0,1", "debug=fast_dev_run", root=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -231,7 +231,10 @@ def load_extension(verbose: bool = False) -> Any:
             _EXT_ERROR = RuntimeError("disabled by FIBO_DISABLE_SPARSE_EXT")
             log.warning("fibo sparse attention kernel disabled (FIBO_DISABLE_SPARSE_EXT): using sdpa")
             return None
-        key = "|".join([CPP_SOURCE, torch.__version__, " ".join(_CFLAGS), _cpu_signature(), sys.version])
+        # the torch install path too: each venv builds against its own headers, so two checkouts
+        # must not share (and keep rebuilding) one build folder
+        key = "|".join([CPP_SOURCE, torch.__version__, os.path.dirname(torch.__file__), " ".join(_CFLAGS),
+                        _cpu_signature(), sys.version])
         name = "fibo_sparse_attn_" + hashlib.sha1(key.encode()).hexdigest()[:12]
         start = time.perf_counter()
         try:

@@ -72,6 +72,25 @@ class AttentionSpec:
                 f"attention={self.name} has no option(s) {unknown}; its options are {sorted(allowed)} "
                 f"plus {sorted(_SPEC_KEYS - {'name'})}"
             )
+        self._check_option_types()
+
+    def _check_option_types(self) -> None:
+        """Options must have the type of the builder's default (bool stays bool: ``bool("no")`` would
+        be True; int stays int; float accepts int); a ``None`` default accepts a number or None."""
+        params = inspect.signature(PATTERNS[self.name]).parameters
+        for key, value in self.options.items():
+            default = params[key].default
+            if isinstance(default, bool):
+                ok, want = isinstance(value, bool), "true or false"
+            elif isinstance(default, int):
+                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif isinstance(default, float) or default is None:
+                ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+                want = "a number or null"
+            else:
+                ok, want = True, ""
+            if not ok:
+                raise ValueError(f"attention.{key}={value!r} must be {want} (attention={self.name})")
 
     @staticmethod
     def allowed_options(name: str) -> set[str]:
