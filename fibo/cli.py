@@ -113,6 +113,12 @@ def train(cfg: DictConfig) -> float | None:
     except (KeyboardInterrupt, SystemExit) as err:
         _log_data_report(logger, locals().get("datamodule"))
         end_run(logger, "KILLED", err)
+        last = output_dir / "checkpoints" / "last.ckpt"
+        print(f"\nfibo: run {logger.run_id} was stopped ({type(err).__name__}) and is marked KILLED in MLflow"
+              + (f"; resume it with: fibo-run <same overrides> ckpt_path={last}" if last.is_file() else ""),
+              file=sys.stderr, flush=True)
+        if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERMException has no code
+            raise SystemExit(143) from err
         raise
     except BaseException as err:
         _log_data_report(logger, locals().get("datamodule"))

@@ -57,14 +57,14 @@ def test_crash_marks_run_failed(tmp_path, run_fibo):
 def test_resume_continues_the_same_run(tmp_path, run_fibo):
     first = run_fibo("debug=short", root=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr[-4000:]
-    client, runs = mlflow_runs(tmp_path)
+    client, runs = mlflow_runs(tmp_path, "fibo-debug")
     run_id = runs[0].info.run_id
     last = tmp_path / "logs" / "runs"
     ckpt = next(last.glob("*/checkpoints/last.ckpt"))
     second = run_fibo("debug=short", "trainer.max_epochs=3", f"ckpt_path={ckpt}", root=tmp_path, timeout=300)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
-    _, runs = mlflow_runs(tmp_path)
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
     assert [r.info.run_id for r in runs] == [run_id]
     assert runs[0].info.status == "FINISHED"
     epochs = [m.step for m in client.get_metric_history(run_id, "val/acc1")]
@@ -88,7 +88,7 @@ def test_checkpoint_that_is_not_one_is_a_clear_error(tmp_path, run_fibo):
 def test_multirun_sweep_logs_one_run_per_job(tmp_path, run_fibo):
     result = run_fibo("-m", "attention=dense,fibottention", "seed=0,1", "debug=fast_dev_run", root=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    _, runs = mlflow_runs(tmp_path)
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     combos = sorted((r.data.tags["choice.attention"], r.data.tags["seed"]) for r in runs)
     assert combos == [("dense", "0"), ("dense", "1"), ("fibottention", "0"), ("fibottention", "1")]
@@ -102,7 +102,7 @@ def test_video_fast_dev_run_through_fibo_run(tmp_path, run_fibo):
                       root=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(list((tmp_path / "data" / "moving_digits").rglob("*.mp4"))) == 672
-    _, runs = mlflow_runs(tmp_path)
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["choice.model"] == "timesformer_fibo" and run.data.params["attention/name"] == "fibottention"
