@@ -110,3 +110,32 @@ def test_video_fast_dev_run_through_fibo_run(tmp_path, run_fibo):
     assert metrics["data/train_videos"] == 480 and metrics["data/skipped_videos"] == 0
     assert "test/acc1" in metrics and metrics["test/videos"] == 8  # fast_dev_run: one batch = 8 videos x 2 clips
     assert 0 < metrics["attention/density_patch"] < 0.2
+
+
+def test_sigterm_marks_run_killed_and_keeps_checkpoints(tmp_path):
+    """A job killed by its scheduler (SIGTERM): exit status 143, run KILLED, last.ckpt kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update({"FIBO_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"})
+    exe = Path(sys.executable).with_name("fibo-run")
+    out, err_file = open(tmp_path / "stdout.txt", "w"), open(tmp_path / "stderr.txt", "w")  # no pipe to fill up
+    proc = subprocess.Popen([str(exe), "trainer.max_epochs=50", "attention=dense"], cwd=tmp_path, env=env,
+                            stdout=out, stderr=err_file, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob("logs/runs/*/checkpoints/last.ckpt")):
+        time.sleep(1)
+    assert list(tmp_path.glob("logs/runs/*/checkpoints/last.ckpt")), "no checkpoint after 300 s"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 143, err[-3000:]
+    assert "is marked KILLED in MLflow; resume it with: fibo-run <same overrides> ckpt_path=" in err
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert list(tmp_path.glob("logs/runs/*/checkpoints/last.ckpt"))

@@ -77,7 +77,10 @@ class AttentionSpec:
     def _check_option_types(self) -> None:
         """Options must have the type of the builder's default (bool stays bool: ``bool("no")`` would
         be True; int stays int; float accepts int); a ``None`` default accepts a number or None."""
-        params = inspect.signature(PATTERNS[self.name]).parameters
+        builder = PATTERNS[self.name]
+        if builder is None:  # dense: no options (unknown ones were rejected above)
+            return
+        params = inspect.signature(builder).parameters
         for key, value in self.options.items():
             default = params[key].default
             if isinstance(default, bool):
