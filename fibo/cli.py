@@ -31,7 +31,18 @@ def _log_config(logger, cfg: DictConfig, choices: dict, output_dir: Path) -> Non
     from fibo.tracking import git_commit
 
     client, run_id = logger.experiment, logger.run_id
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    params = OmegaConf.to_container(cfg, resolve=True)
+    existing = client.get_run(run_id).data.params
+    if existing:  # a resumed run: MLflow params are immutable, so record what changed as a tag
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+        flat = {k: str(v) for k, v in _flatten_dict(_convert_params(params)).items()}
+        changed = {k: (existing[k], v) for k, v in flat.items() if k in existing and existing[k][:250] != v[:250]}
+        if changed:
+            client.set_tag(run_id, "resumed_with_changes", "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())[:5000])
+        params = {k: v for k, v in flat.items() if k not in existing}
+    if params:
+        logger.log_hyperparams(params)
     client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
     overrides = output_dir / ".hydra" / "overrides.yaml"
     if overrides.is_file():

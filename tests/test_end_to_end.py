@@ -38,11 +38,11 @@ def test_train_digits_end_to_end(tmp_path, run_fibo):
     assert re.fullmatch(r"[0-9a-f]{40}", run.data.tags["mlflow.source.git.commit"])
     assert run.data.tags["choice.attention"] == "fibottention"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "config" in artifacts and "model" in artifacts
+    assert "config" in artifacts and "last" in artifacts, artifacts
     config_files = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert "config/config.yaml" in config_files
-    ckpts = [a.path for a in client.list_artifacts(run.info.run_id, "model/checkpoints")]
-    assert ckpts, "final checkpoint not logged"
+    ckpts = [a.path for a in client.list_artifacts(run.info.run_id, "last")]
+    assert "last/last.ckpt" in ckpts, f"final checkpoint not logged: {ckpts}"
 
 
 def test_crash_marks_run_failed(tmp_path, run_fibo):
@@ -68,7 +68,8 @@ def test_resume_continues_the_same_run(tmp_path, run_fibo):
     assert [r.info.run_id for r in runs] == [run_id]
     assert runs[0].info.status == "FINISHED"
     epochs = [m.step for m in client.get_metric_history(run_id, "val/acc1")]
-    assert len(epochs) == 3  # 2 epochs before, 1 after resuming
+    # 2 epochs before, 1 after resuming (Lightning re-validates the restored epoch at the same step)
+    assert len(set(epochs)) == 3 and max(epochs) > max(epochs[:2])
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, run_fibo):
@@ -108,7 +109,7 @@ def test_video_fast_dev_run_through_fibo_run(tmp_path, run_fibo):
     assert run.data.tags["choice.model"] == "timesformer_fibo" and run.data.params["attention/name"] == "fibottention"
     metrics = run.data.metrics
     assert metrics["data/train_videos"] == 480 and metrics["data/skipped_videos"] == 0
-    assert "test/acc1" in metrics and metrics["test/videos"] == 8  # fast_dev_run: one batch = 8 videos x 2 clips
+    assert re.search(r"fibo: test/acc1 = [0-9.]+", result.stdout)  # fast_dev_run: Lightning logs no metrics
     assert 0 < metrics["attention/density_patch"] < 0.2
 
 
