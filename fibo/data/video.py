@@ -158,13 +158,10 @@ class VideoDataModule(L.LightningDataModule):
                  sampling_rate: int = 2, test_clips: int = 2, test_crops: int = 1, batch_size: int = 16,
                  num_workers: int = 0, mean: Sequence[float] = (0.45, 0.45, 0.45),
                  std: Sequence[float] = (0.225, 0.225, 0.225), hflip: float = 0.5,
-                 scale: Sequence[float] = (0.08, 1.0), on_bad_video: str = "skip", cache_frames: bool = False,
-                 **unused: Any) -> None:
+                 scale: Sequence[float] = (0.08, 1.0), on_bad_video: str = "skip", cache_frames: bool = False) -> None:
         super().__init__()
         from fibo.models.vit import check_patch_grid
 
-        if unused:
-            raise ValueError(f"unknown video data option(s) {sorted(unused)}")
         check_patch_grid(img_size, patch_size)
         if on_bad_video not in ON_BAD_VIDEO:
             raise ValueError(f"data.on_bad_video={on_bad_video!r}: choose one of {list(ON_BAD_VIDEO)}")

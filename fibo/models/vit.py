@@ -98,7 +98,3 @@ class VisionTransformer(TimmVisionTransformer):
         ``density`` (whole (N+1)^2 matrix, CLS included) and ``density_patch`` (N x N block)."""
         per_layer = [blk.attn.density(self.num_patch_tokens) for blk in self.blocks]
         return {k: sum(d[k] for d in per_layer) / len(per_layer) for k in per_layer[0]}
-
-    def load_timm_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-        """Load a timm ViT state dict (same keys). Returns ``(missing, unexpected)`` keys."""
-        return self.load_state_dict(state_dict, strict=strict)
