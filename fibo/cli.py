@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from fibo.tracking import RunIdInCheckpoint, end_run, run_id_in_checkpoint
+    from fibo.tracking import RunIdInCheckpoint, end_run, is_global_zero_process, run_id_in_checkpoint
 
     _route_lightning_logs_through_hydra()
     hydra_cfg = HydraConfig.get()
@@ -98,9 +98,13 @@ def train(cfg: DictConfig) -> float | None:
                              f"({type(err).__name__}: {err}); pass a .ckpt written by fibo-run") from None
 
     logger = instantiate(cfg.logger, run_id=run_id)
-    if run_id is not None:
-        logger.experiment.update_run(run_id, status="RUNNING")
-    _log_config(logger, cfg, choices, output_dir)
+    # Multi-process training (DDP/FSDP): every process runs this function, only global rank zero owns
+    # the MLflow run (Lightning's logger itself writes from rank zero only).
+    rank_zero = is_global_zero_process()
+    if rank_zero:
+        if run_id is not None:
+            logger.experiment.update_run(run_id, status="RUNNING")
+        _log_config(logger, cfg, choices, output_dir)
     try:
         L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
@@ -122,22 +126,25 @@ def train(cfg: DictConfig) -> float | None:
             tested = trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
             result = tested[0].get("test/acc1") if tested else None
     except (KeyboardInterrupt, SystemExit) as err:
-        _log_data_report(logger, locals().get("datamodule"))
-        end_run(logger, "KILLED", err)
-        last = output_dir / "checkpoints" / "last.ckpt"
-        print(f"\nfibo: run {logger.run_id} was stopped ({type(err).__name__}) and is marked KILLED in MLflow"
-              + (f"; resume it with: fibo-run <same overrides> ckpt_path={last}" if last.is_file() else ""),
-              file=sys.stderr, flush=True)
+        if rank_zero:
+            _log_data_report(logger, locals().get("datamodule"))
+            end_run(logger, "KILLED", err)
+            last = output_dir / "checkpoints" / "last.ckpt"
+            print(f"\nfibo: run {logger.run_id} was stopped ({type(err).__name__}) and is marked KILLED in MLflow"
+                  + (f"; resume it with: fibo-run <same overrides> ckpt_path={last}" if last.is_file() else ""),
+                  file=sys.stderr, flush=True)
         if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERMException has no code
             raise SystemExit(143) from err
         raise
     except BaseException as err:
-        _log_data_report(logger, locals().get("datamodule"))
-        end_run(logger, "FAILED", err)
+        if rank_zero:
+            _log_data_report(logger, locals().get("datamodule"))
+            end_run(logger, "FAILED", err)
         raise
-    _log_data_report(logger, datamodule)
-    end_run(logger, "FINISHED")
-    _report(cfg, logger, choices, metrics, result)
+    if rank_zero:
+        _log_data_report(logger, datamodule)
+        end_run(logger, "FINISHED")
+        _report(cfg, logger, choices, metrics, result)
     return None if result is None else float(result)
 
 

@@ -51,6 +51,22 @@ def mlflow_logger(
                         tags=dict(tags or {}))
 
 
+def is_global_zero_process() -> bool:
+    """Whether this process owns the MLflow run (creates it, logs the config, ends it). Usable before
+    the Trainer exists: reads the variables that process launchers set. Lightning's DDP launcher sets
+    ``LOCAL_RANK`` (and ``NODE_RANK`` across nodes) for the processes it starts, torchrun sets ``RANK``,
+    SLURM sets ``SLURM_PROCID``; a process without any of them (a plain run, ddp_spawn's main
+    process) is rank zero."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if "LOCAL_RANK" in env or "NODE_RANK" in env:
+        return int(env.get("LOCAL_RANK", 0)) == 0 and int(env.get("NODE_RANK", 0)) == 0
+    if "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]) == 0
+    return True
+
+
 def git_commit(path: str | Path) -> tuple[str | None, bool]:
     """``(commit, dirty)`` of the git checkout holding ``path``; ``(None, False)`` outside git."""
     try:

@@ -15,8 +15,8 @@ class ImageClassifier(L.LightningModule):
 
     Loss: cross entropy with label smoothing. Optimiser: AdamW via ``timm.optim.create_optimizer_v2``
     (no weight decay on biases, norms, CLS token and position embedding, as timm/DeiT), learning rate
-    ``lr`` (times ``batch_size / lr_base_batch`` when ``lr_base_batch`` is set: the paper's
-    ``1e-3 x batch / 256``), linear warmup for ``warmup_epochs`` then cosine decay to ``min_lr``.
+    ``lr`` (times ``global batch / lr_base_batch`` when ``lr_base_batch`` is set: the paper's
+    ``1e-3 x batch / 256``; the global batch is ``batch_size`` x processes x gradient accumulation), linear warmup for ``warmup_epochs`` then cosine decay to ``min_lr``.
 
     Metrics (torchmetrics, micro top-k accuracy in [0, 1]): ``train/loss``, ``train/acc1``,
     ``val/loss``, ``val/acc1``, ``val/acc5``, ``test/loss``, ``test/acc1``, ``test/acc5``.
@@ -45,10 +45,18 @@ class ImageClassifier(L.LightningModule):
         })
 
     @property
+    def global_batch_size(self) -> int | None:
+        """Samples per optimizer step: ``batch_size`` (per process) x processes x gradient accumulation."""
+        hp, trainer = self.hparams, self._trainer
+        if not hp.batch_size or trainer is None:
+            return hp.batch_size
+        return hp.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    @property
     def effective_lr(self) -> float:
         hp = self.hparams
         if hp.lr_base_batch and hp.batch_size:
-            return hp.lr * hp.batch_size / hp.lr_base_batch
+            return hp.lr * self.global_batch_size / hp.lr_base_batch
         return hp.lr
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -59,7 +67,9 @@ class ImageClassifier(L.LightningModule):
         images, labels = batch[0], batch[1]
         logits = self(images)
         loss = self.criterion(logits, labels)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # sync_dist: under DDP the epoch mean is over every process's batches (reduced once per epoch)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                 sync_dist=True)
         for k in (1, 5):
             if stage == "train" and k == 5:
                 continue

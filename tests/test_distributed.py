@@ -1,0 +1,50 @@
+"""Multi-process training through the real ``fibo-run``: 2-process DDP on the CPU (gloo).
+
+Only global rank zero may create, fill and end the MLflow run; a resume under DDP must continue that
+run. (GPU strategies use the same code path with nccl; see conf/trainer/ddp.yaml, fsdp.yaml.)
+"""
+
+import re
+
+import pytest
+
+from conftest import mlflow_runs
+
+pytestmark = pytest.mark.slow
+
+DDP = ("trainer=ddp_cpu", "trainer.devices=2", "debug=short", "trainer.limit_train_batches=3",
+       "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "task.warmup_epochs=0")
+
+
+def test_ddp_cpu_logs_one_run_from_rank_zero_and_resumes(tmp_path, run_fibo):
+    first = run_fibo(*DDP, "trainer.max_epochs=1", root=tmp_path, timeout=300)
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-4000:]
+    assert "MEMBER: 2/2" in out, "Lightning did not start a second process"
+    assert first.stdout.count("fibo: test/acc1 = ") == 1, "the result is reported by rank zero only"
+
+    client, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert len(runs) == 1, [(r.info.run_name, r.info.status) for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "val/acc1", "test/acc1", "attention/density"):
+        assert key in run.data.metrics, sorted(run.data.metrics)
+    assert run.data.params["trainer/devices"] == "2" and run.data.tags["choice.trainer"] == "ddp_cpu"
+    assert len(client.get_metric_history(run.info.run_id, "val/acc1")) == 1  # not once per process
+
+    run_dirs = list((tmp_path / "logs" / "runs").iterdir())
+    assert len(run_dirs) == 1, run_dirs  # the second process writes into the same Hydra run dir
+    assert (run_dirs[0] / "train_ddp_process_1.log").is_file()
+    ckpt = run_dirs[0] / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+
+    second = run_fibo(*DDP, "trainer.max_epochs=2", "test=false", f"ckpt_path={ckpt}", root=tmp_path, timeout=300)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "Restoring states from the checkpoint path" in out and "MEMBER: 2/2" in out
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert [r.info.run_id for r in runs] == [run.info.run_id]  # the same run continues, no new one
+    assert runs[0].info.status == "FINISHED"
+    epochs = {m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")}
+    assert len(epochs) == 2, epochs
+    assert re.search(r"MLflow run " + run.info.run_id, second.stdout)
