@@ -7,15 +7,15 @@ run. (GPU strategies use the same code path with nccl; see conf/trainer/ddp.yaml
 import re
 
 import pytest
+from torch import nn
 
 from conftest import mlflow_runs
-
-pytestmark = pytest.mark.slow
 
 DDP = ("trainer=ddp_cpu", "trainer.devices=2", "debug=short", "trainer.limit_train_batches=3",
        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "task.warmup_epochs=0")
 
 
+@pytest.mark.slow
 def test_ddp_cpu_logs_one_run_from_rank_zero_and_resumes(tmp_path, run_fibo):
     first = run_fibo(*DDP, "trainer.max_epochs=1", root=tmp_path, timeout=300)
     out = first.stdout + first.stderr
@@ -48,3 +48,54 @@ def test_ddp_cpu_logs_one_run_from_rank_zero_and_resumes(tmp_path, run_fibo):
     epochs = {m.step for m in client.get_metric_history(run.info.run_id, "val/acc1")}
     assert len(epochs) == 2, epochs
     assert re.search(r"MLflow run " + run.info.run_id, second.stdout)
+
+
+def test_strategy_configs_compose_and_instantiate():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from fibo.cli import CONF_DIR
+    from fibo.models.vit import Block
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        ddp = compose("config", overrides=["trainer=ddp", "trainer.num_nodes=2"]).trainer
+        fsdp = compose("config", overrides=["trainer=fsdp"]).trainer
+        cpu = compose("config", overrides=["trainer=ddp_cpu"]).trainer
+    assert (ddp.accelerator, ddp.devices, ddp.num_nodes) == ("gpu", -1, 2)
+    assert isinstance(instantiate(ddp.strategy), DDPStrategy)
+    assert (cpu.accelerator, cpu.devices, cpu.strategy.process_group_backend) == ("cpu", 2, "gloo")
+    strategy = instantiate(fsdp.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "full"
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}  # DividedBlock is a Block too
+
+
+class _Wrapped(nn.Module):  # FSDP's naming: wrapped modules hang under `_fsdp_wrapped_module`
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = module
+
+
+@pytest.mark.parametrize("weight_decay", [0.05, 0.0])
+def test_weight_decay_groups_match_timm_and_survive_fsdp(weight_decay):
+    from timm.optim._param_groups import param_groups_weight_decay
+
+    from fibo.models import create_model
+    from fibo.tasks.image import ImageClassifier
+
+    model = create_model("vit_nano", img_size=16, patch_size=2, in_chans=1, num_classes=10)
+    task = ImageClassifier(model, num_classes=10, weight_decay=weight_decay)
+    timm_groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay())
+
+    def ids(groups):
+        return [([id(p) for p in g["params"]], g["weight_decay"]) for g in groups]
+
+    assert ids(task.param_groups()) == ids(timm_groups)
+    # FSDP (use_orig_params) renames parameters and turns each into a 1-d view of its shard:
+    # the grouping must not change (a shape rule alone would exempt every weight from decay)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = _Wrapped(block)
+    task.model = _Wrapped(model)
+    for p in model.parameters():
+        p.data = p.data.reshape(-1)
+    assert ids(task.param_groups()) == ids(timm_groups)

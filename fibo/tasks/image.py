@@ -10,13 +10,30 @@ from torchmetrics.classification import MulticlassAccuracy
 from fibo.tasks.schedule import warmup_cosine
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that get no weight decay, by timm's rule (biases, 1-d parameters such as
+    norms, and the model's ``no_weight_decay()`` patterns: CLS token, position embeddings). Taken
+    from the model as built, because FSDP later flattens every parameter into a 1-d shard."""
+    import fnmatch
+
+    patterns = tuple(getattr(model, "no_weight_decay", lambda: ())())
+    return {name for name, p in model.named_parameters()
+            if p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in patterns)}
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without the wrapper prefixes that FSDP / activation checkpointing insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 class ImageClassifier(L.LightningModule):
     """Supervised classification of ``(B, C, H, W)`` images into ``num_classes`` classes.
 
     Loss: cross entropy with label smoothing. Optimiser: AdamW via ``timm.optim.create_optimizer_v2``
-    (no weight decay on biases, norms, CLS token and position embedding, as timm/DeiT), learning rate
-    ``lr`` (times ``global batch / lr_base_batch`` when ``lr_base_batch`` is set: the paper's
-    ``1e-3 x batch / 256``; the global batch is ``batch_size`` x processes x gradient accumulation), linear warmup for ``warmup_epochs`` then cosine decay to ``min_lr``.
+    (no weight decay on biases, norms, CLS token and position embedding, as timm/DeiT, also under
+    FSDP), learning rate ``lr`` (times ``global batch / lr_base_batch`` when ``lr_base_batch`` is
+    set: the paper's ``1e-3 x batch / 256``; the global batch is ``batch_size`` x processes x
+    gradient accumulation), linear warmup for ``warmup_epochs`` then cosine decay to ``min_lr``.
 
     Metrics (torchmetrics, micro top-k accuracy in [0, 1]): ``train/loss``, ``train/acc1``,
     ``val/loss``, ``val/acc1``, ``val/acc5``, ``test/loss``, ``test/acc1``, ``test/acc5``.
@@ -38,6 +55,7 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self._no_decay = no_weight_decay_names(model)
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict({
             f"{stage}_acc{k}": MulticlassAccuracy(num_classes=num_classes, top_k=kk, average="micro")
@@ -87,11 +105,22 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups: ``[{no decay}, {weight_decay}]``, as timm's ``param_groups_weight_decay``."""
+        wd = self.hparams.weight_decay
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if not wd or _unwrapped_name(name) in self._no_decay else decay).append(param)
+        groups = ({"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd})
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2
 
         hp = self.hparams
-        optimizer = create_optimizer_v2(self.model, opt="adamw", lr=self.effective_lr, weight_decay=hp.weight_decay)
+        optimizer = create_optimizer_v2(self.param_groups(), opt="adamw", lr=self.effective_lr,
+                                        weight_decay=hp.weight_decay)
         total = self.trainer.estimated_stepping_batches
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup = int(total * hp.warmup_epochs / epochs)
