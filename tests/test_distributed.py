@@ -99,3 +99,31 @@ def test_weight_decay_groups_match_timm_and_survive_fsdp(weight_decay):
     for p in model.parameters():
         p.data = p.data.reshape(-1)
     assert ids(task.param_groups()) == ids(timm_groups)
+
+
+def test_slurm_launcher_config_follows_the_trainer():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install -e ".[cluster]"')
+    from hydra import compose, initialize_config_dir
+
+    from fibo.cli import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)  # one task per GPU
+    assert launcher.partition == "gpu" and launcher.timeout_min > 0
+
+
+@pytest.mark.slow
+def test_submitit_runs_a_job(tmp_path, run_fibo):
+    """The submitit path end to end on this machine (the local executor instead of SLURM)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install -e ".[cluster]"')
+    result = run_fibo("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "debug=fast_dev_run",
+                      root=tmp_path, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert list((tmp_path / "logs" / "multiruns").glob("*/.submitit/*/*_log.out"))
