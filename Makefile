@@ -11,7 +11,7 @@ STAMP := $(VENV)/.fibo-installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup run test ui clean-runs
+.PHONY: setup run test ui compare clean-runs
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,19 @@ run: setup
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Browse every run of this checkout's default store (http://127.0.0.1:5000)
+# Browse the runs on http://127.0.0.1:$(UI_PORT): this checkout's default store, else UI_STORE=<store URI>
+# (or $$MLFLOW_TRACKING_URI when set). A tracking server (http://...) serves its own UI: open its URL.
+UI_PORT ?= 5000
+UI_STORE ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+UI_ARGS ?= --workers 1
 ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	@case "$(UI_STORE)" in http://*|https://*) echo "$(UI_STORE) is an MLflow tracking server: its UI is that URL"; exit 0;; esac; \
+	echo "MLflow UI on http://127.0.0.1:$(UI_PORT) for $(UI_STORE) (Ctrl-C stops it)"; \
+	exec $(VENV)/bin/mlflow ui --backend-store-uri "$(UI_STORE)" --host 127.0.0.1 --port $(UI_PORT) $(UI_ARGS)
+
+# Compare runs (one line per configuration, mean ± std over seeds, plot): make compare ARGS="-e fibo"
+compare: setup
+	$(VENV)/bin/fibo-compare $(ARGS)
 
 clean-runs:
 	rm -rf logs mlflow.db mlartifacts

@@ -1,0 +1,440 @@
+"""``fibo-compare`` (or ``python -m fibo.compare``): compare MLflow runs side by side.
+
+Reads the runs of one or more experiments (default ``fibo``; ``--filter`` narrows them with an
+MLflow search string), groups runs whose configurations differ only in the seed (and in where they
+wrote their files), and prints one line per group: task, dataset, model, attention variant,
+attention density, seeds, n, mean ± std of the headline metric (default ``test/acc1``) and the mean
+training throughput. So ``fibo-run -m attention=dense,fibottention seed=0,1,2`` compares in two lines.
+
+It writes the table (``comparison.csv``, ``comparison.md``) and a plot of the metric against the
+attention density (``comparison.png``: one point per group, error bars = std over seeds) to
+``--out`` (default ``<root>/logs/compare/<time>/``) and logs the three files as artifacts of a new
+MLflow run in the (first) compared experiment, tagged ``fibo.comparison=true`` so that later
+comparisons leave it out (``--no-log``: don't).
+
+The store is the one ``fibo-run`` writes to: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``,
+else ``sqlite:///<root>/mlflow.db`` with root = ``$FIBO_ROOT`` or the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import math
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_METRIC = "test/acc1"
+DENSITY_METRIC = "attention/density_patch"  # the patch-to-patch block, as the paper counts it
+THROUGHPUT_METRIC = "train/throughput"
+COMPARISON_TAG = "fibo.comparison"
+# Params that differ between the seeds of one configuration without changing what is trained:
+# the seed, names, and where a run writes its files. Runs equal in every other param form a group.
+IGNORED_PARAMS = ("seed", "run_name", "*/run_name", "experiment_name", "*/experiment_name", "ckpt_path",
+                  "paths/*", "logger/*", "*/data_dir", "*/dirpath", "*/default_root_dir")
+MAX_DIFFERS = 3  # params named in the config column
+LABELS = (("task", "task"), ("data", "dataset"), ("model", "model"), ("attention", "attention"))
+_FALLBACK_PARAM = {"task": "task/_target_", "data": "data/_target_", "model": "model/name", "attention": "attention/name"}
+
+
+class CompareError(Exception):
+    """A problem with what was asked for (no such experiment, no runs, no such metric)."""
+
+
+def project_root() -> Path:
+    """Where ``fibo-run`` writes by default: ``$FIBO_ROOT``, else the current directory."""
+    return Path(os.environ.get("FIBO_ROOT") or os.getcwd()).resolve()
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db`` (fibo-run's default store)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?")[0]  # sqlite:////abs/path or sqlite:///relative/path
+    return None if path in ("", ":memory:") else Path(path)
+
+
+@dataclass
+class Group:
+    """Runs of one configuration that differ only in the seed."""
+
+    labels: dict[str, str]
+    key: tuple
+    runs: list = field(default_factory=list)
+    differs: str = ""  # params that set this group apart from others with the same labels
+
+    def values(self, metric: str) -> list[float]:
+        return [r.data.metrics[metric] for r in self.runs if metric in r.data.metrics
+                and not math.isnan(r.data.metrics[metric])]
+
+    def mean(self, metric: str) -> float:
+        vals = self.values(metric)
+        return statistics.fmean(vals) if vals else math.nan
+
+    def std(self, metric: str) -> float:
+        """Sample standard deviation over the runs (n - 1); nan for fewer than 2 runs."""
+        vals = self.values(metric)
+        return statistics.stdev(vals) if len(vals) > 1 else math.nan
+
+    @property
+    def seeds(self) -> list[str]:
+        return sorted((_seed(r) for r in self.runs), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+
+    @property
+    def statuses(self) -> str:
+        return ", ".join(f"{s} {n}" for s, n in sorted(Counter(r.info.status for r in self.runs).items()))
+
+
+def _seed(run) -> str:
+    return run.data.tags.get("seed") or run.data.params.get("seed") or "?"
+
+
+def _label(run, name: str) -> str:
+    value = run.data.tags.get(f"choice.{name}")
+    if value in (None, "", "None"):
+        value = run.data.params.get(_FALLBACK_PARAM[name], "?")
+    return value
+
+
+def _group_key(run, ignored: tuple[str, ...]) -> tuple:
+    output_dir = run.data.tags.get("output_dir") or "\0"
+    return tuple(sorted(
+        (k, v) for k, v in run.data.params.items()
+        if not any(fnmatch.fnmatchcase(k, pat) for pat in ignored) and output_dir not in v))
+
+
+def _is_majority(value, values: list) -> bool:
+    """Whether ``value`` is the one most common of ``values`` (a strict majority of the counts)."""
+    counts = Counter(values).most_common()
+    return counts[0][0] == value and (len(counts) == 1 or counts[0][1] > counts[1][1])
+
+
+def group_runs(runs, ignored: tuple[str, ...] = IGNORED_PARAMS) -> list[Group]:
+    """Groups runs whose params are equal except the ``ignored`` ones (the seed, names, paths)."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        key = _group_key(run, ignored)
+        if key not in groups:
+            groups[key] = Group(labels={name: _label(run, name) for name, _ in LABELS}, key=key)
+        groups[key].runs.append(run)
+    out = list(groups.values())
+    # Groups with the same task/data/model/attention labels: name the params that tell them apart.
+    by_labels: dict[tuple, list[Group]] = {}
+    for g in out:
+        by_labels.setdefault(tuple(g.labels.values()), []).append(g)
+    for same in by_labels.values():
+        if len(same) > 1:
+            dicts = [dict(g.key) for g in same]
+            varying = sorted({k for d in dicts for k in d if len({d.get(k) for d in dicts}) > 1})
+            # values that differ beat params that only some runs have (configs of older code versions)
+            keys = [k for k in varying if all(k in d for d in dicts)] or varying
+            patterns, unique = set(), []
+            for k in keys:  # one of the params that vary alike (model/attention/* copies attention/*)
+                pattern = tuple(d.get(k) for d in dicts)
+                if pattern not in patterns:
+                    patterns.add(pattern)
+                    unique.append(k)
+            for g, d in zip(same, dicts):
+                # name the values in which this group departs from the most common one
+                own = [k for k in unique if not _is_majority(d.get(k), [e.get(k) for e in dicts])] or unique
+                shown = [f"{k}={d.get(k, '-')}" for k in own[:MAX_DIFFERS]]
+                g.differs = " ".join(shown + ([f"+{len(own) - MAX_DIFFERS} more"] if len(own) > MAX_DIFFERS else []))
+    return out
+
+
+def _sort(groups: list[Group], density_metric: str) -> list[Group]:
+    def key(g: Group):
+        d = g.mean(density_metric)
+        return (g.labels["task"], g.labels["data"], g.labels["model"], -(d if not math.isnan(d) else -1),
+                g.labels["attention"], g.differs)
+    return sorted(groups, key=key)
+
+
+def variant_names(groups: list[Group]) -> list[str]:
+    """Short names for plot labels: the labels that vary between the groups, plus what differs."""
+    varying = [name for name, _ in LABELS if len({g.labels[name] for g in groups}) > 1] or ["attention"]
+    return [" / ".join([g.labels[n] for n in varying] + ([g.differs] if g.differs else [])) for g in groups]
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def records(groups: list[Group], metric: str, density_metric: str, with_status: bool) -> list[dict]:
+    """One dict of raw values per group (what ``comparison.csv`` holds)."""
+    out = []
+    for g in groups:
+        rec = {title: g.labels[name] for name, title in LABELS}
+        rec["config"] = g.differs
+        rec["density"] = g.mean(density_metric)
+        rec["seeds"] = " ".join(g.seeds)
+        rec["n"] = len(g.values(metric))
+        rec[f"{metric} mean"], rec[f"{metric} std"] = g.mean(metric), g.std(metric)
+        rec["throughput"] = g.mean(THROUGHPUT_METRIC)
+        if with_status:
+            rec["status"] = g.statuses
+        rec["runs"] = " ".join(r.info.run_id for r in g.runs)
+        out.append(rec)
+    return out
+
+
+NUMERIC = ("density", "n", "throughput/s")
+
+
+def display_rows(recs: list[dict], metric: str) -> list[dict[str, str]]:
+    """The table as printed: formatted strings, no run ids; the config column only when needed."""
+    rows = []
+    for rec in recs:
+        mean, std = rec[f"{metric} mean"], rec[f"{metric} std"]
+        row = {title: rec[title] for _, title in LABELS}
+        row["config"] = rec["config"]
+        row["density"] = "-" if math.isnan(rec["density"]) else f"{100 * rec['density']:.2f}%"
+        row["seeds"] = rec["seeds"].replace(" ", ",")
+        row["n"] = str(rec["n"])
+        row[metric] = "-" if math.isnan(mean) else f"{mean:.4f} ± {_fmt(std)}"
+        row["throughput/s"] = _fmt(rec["throughput"], 1)
+        if "status" in rec:
+            row["status"] = rec["status"]
+        rows.append(row)
+    if not any(r["config"] for r in rows):
+        for r in rows:
+            del r["config"]
+    return rows
+
+
+def print_table(rows: list[dict[str, str]], metric: str, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in rows[0]:
+        table.add_column(col, justify="right" if col in NUMERIC or col == metric else "left", overflow="fold",
+                         no_wrap=col not in ("config", "seeds", "status"), min_width=24 if col == "config" else None)
+    for row in rows:
+        table.add_row(*row.values())
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: don't squeeze the table into 80 columns
+        console = Console(width=int(os.environ.get("COLUMNS", "0") or 0) or 160)
+    console.print(table)
+
+
+def write_csv(recs: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(recs[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in rec.items()} for rec in recs)
+
+
+def write_markdown(rows: list[dict[str, str]], metric: str, path: Path, title: str) -> None:
+    cols = list(rows[0])
+    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---:" if c in NUMERIC or c == metric else "---" for c in cols) + "|"]
+    lines += ["| " + " | ".join(row[c].replace("|", "\\|") for c in cols) + " |" for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(groups: list[Group], metric: str, density_metric: str, path: Path, title: str) -> list[str]:
+    """Metric (mean, std error bars) against attention density, one labelled point per group.
+    Returns the names of groups left out of the plot (no density or no metric value)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    names = variant_names(groups)
+    points, left_out = [], []
+    for g, name in zip(groups, names):
+        x, y, err = g.mean(density_metric), g.mean(metric), g.std(metric)
+        if math.isnan(x) or math.isnan(y):
+            left_out.append(name)
+        else:
+            points.append((100 * x, y, 0.0 if math.isnan(err) else err, f"{name} (n={len(g.values(metric))})"))
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    cmap = plt.get_cmap("tab10")
+    for i, (x, y, err, label) in enumerate(points):
+        ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=4, color=cmap(i % 10), label=label)
+        short = label if len(label) <= 40 else label[:37] + "..."
+        rightmost = len(points) > 1 and x == max(p[0] for p in points)  # label it on its left
+        ax.annotate(short, (x, y), textcoords="offset points", xytext=(-6 if rightmost else 6, 6), fontsize=8,
+                    ha="right" if rightmost else "left", color=cmap(i % 10)).set_in_layout(False)
+    xs = [p[0] for p in points]
+    if xs and max(xs) / max(min(xs), 1e-9) > 10:
+        ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.set_xlabel(f"attention density ({density_metric})")
+    ax.set_ylabel(f"{metric}\n(mean ± std over seeds)")
+    ax.set_title(title if len(title) <= 90 else title[:87] + "...", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if points:
+        ax.margins(x=0.25, y=0.25)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1 if len(points) > 4 else 2,
+                  frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return left_out
+
+
+def _client(tracking_uri: str):
+    db = _sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        raise CompareError(
+            f"no MLflow store at {db}: run fibo-run first (in this directory, or with FIBO_ROOT), "
+            f"or point --tracking-uri / MLFLOW_TRACKING_URI at a store")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def find_runs(client, experiment_names: list[str], filter_string: str, all_status: bool, tracking_uri: str):
+    """The runs to compare (comparison runs left out), and the experiments they come from."""
+    from mlflow.exceptions import MlflowException
+
+    experiments = []
+    for name in experiment_names:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage == "deleted":
+            known = sorted(e.name for e in client.search_experiments())
+            raise CompareError(f"no experiment {name!r} in {tracking_uri}; experiments there: "
+                               + (", ".join(repr(k) for k in known) or "none"))
+        experiments.append(exp)
+    runs, token = [], None
+    while True:
+        try:
+            page = client.search_runs([e.experiment_id for e in experiments], filter_string=filter_string,
+                                      max_results=1000, page_token=token)
+        except MlflowException as err:
+            raise CompareError(f"MLflow refused --filter {filter_string!r}: {err.message}") from None
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    runs = [r for r in runs if r.data.tags.get(COMPARISON_TAG) != "true"]
+    where = ", ".join(repr(n) for n in experiment_names) + (f" matching {filter_string!r}" if filter_string else "")
+    if not runs:
+        raise CompareError(f"no runs in experiment {where}")
+    if not all_status:
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if not finished:
+            counts = ", ".join(f"{s} {n}" for s, n in sorted(Counter(r.info.status for r in runs).items()))
+            raise CompareError(f"no FINISHED runs in experiment {where} ({counts}); "
+                               f"--all-status compares them anyway")
+        runs = finished
+    return runs, experiments
+
+
+@dataclass
+class Comparison:
+    groups: list[Group]
+    records: list[dict]  # raw values per group (comparison.csv)
+    rows: list[dict[str, str]]  # the printed table
+    out_dir: Path
+    files: dict[str, Path]
+    run_id: str | None
+    warnings: list[str]
+
+
+def compare(experiments: list[str] | None = None, filter_string: str = "", metric: str = DEFAULT_METRIC,
+            tracking_uri: str | None = None, all_status: bool = False, out_dir: str | Path | None = None,
+            log: bool = True, density_metric: str = DENSITY_METRIC, ignore_params: tuple[str, ...] = (),
+            quiet: bool = False) -> Comparison:
+    """Everything ``fibo-compare`` does; returns the groups, the table rows, the files and the run id."""
+    experiments = list(experiments or ["fibo"])
+    uri = tracking_uri or default_tracking_uri()
+    client = _client(uri)
+    runs, exps = find_runs(client, experiments, filter_string, all_status, uri)
+    present = sorted({k for r in runs for k in r.data.metrics})
+    if metric not in present:
+        raise CompareError(f"no run has the metric {metric!r}; metrics of these runs: " + ", ".join(present))
+    warnings = []
+    missing = [r.info.run_name or r.info.run_id for r in runs if metric not in r.data.metrics]
+    if missing:
+        warnings.append(f"{len(missing)} run(s) without {metric} left out of the mean: " + ", ".join(sorted(missing)))
+    groups = _sort(group_runs(runs, IGNORED_PARAMS + tuple(ignore_params)), density_metric)
+    recs = records(groups, metric, density_metric, with_status=all_status)
+    rows = display_rows(recs, metric)
+    title = f"{metric} in {', '.join(experiments)}" + (f" [{filter_string}]" if filter_string else "") + \
+        f": {len(runs)} runs, {len(groups)} groups"
+
+    out = Path(out_dir) if out_dir else project_root() / "logs" / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / "comparison.csv", "md": out / "comparison.md", "png": out / "comparison.png"}
+    write_csv(recs, files["csv"])
+    write_markdown(rows, metric, files["md"], title)
+    left_out = plot(groups, metric, density_metric, files["png"], title)
+    if left_out:
+        warnings.append(f"not in the plot (no {density_metric} or no {metric}): " + ", ".join(left_out))
+
+    run_id = None
+    if log:
+        run = client.create_run(exps[0].experiment_id, run_name=f"comparison {metric}", tags={
+            COMPARISON_TAG: "true", "fibo.compared_runs": " ".join(r.info.run_id for r in runs)[:5000]})
+        run_id = run.info.run_id
+        try:
+            for k, v in {"experiments": ",".join(experiments), "filter": filter_string or "-", "metric": metric,
+                         "density_metric": density_metric, "all_status": all_status, "runs": len(runs),
+                         "groups": len(groups)}.items():
+                client.log_param(run_id, k, str(v))
+            for path in files.values():
+                client.log_artifact(run_id, str(path), "comparison")
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+
+    if not quiet:
+        print_table(rows, metric, title)
+        for w in warnings:
+            print(f"fibo-compare: note: {w}", file=sys.stderr)
+        print(f"table: {files['csv']} and {files['md']}\nplot:  {files['png']}")
+        if run_id:
+            print(f"MLflow run {run_id} (tag {COMPARISON_TAG}=true) in experiment {experiments[0]!r} at {uri}")
+    return Comparison(groups, recs, rows, out, files, run_id, warnings)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="fibo-compare", description=__doc__.split("\n\n")[1].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-e", "--experiment", action="append", default=None,
+                   help="MLflow experiment to read (repeat for several; default: fibo)")
+    p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`trainer/max_epochs` = '40'\" "
+                   "or \"tags.`choice.data` = 'digits'\"")
+    p.add_argument("--metric", default=DEFAULT_METRIC, help="headline metric (robot runs: rollout/success_rate)")
+    p.add_argument("--density-metric", default=DENSITY_METRIC, help="x axis of the plot")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db, "
+                   "root = $FIBO_ROOT or the current directory)")
+    p.add_argument("--all-status", action="store_true", help="include runs that are not FINISHED (status shown)")
+    p.add_argument("--ignore-param", action="append", default=[], metavar="PATTERN",
+                   help="also group runs that differ in these params (fnmatch pattern, e.g. 'trainer/max_epochs')")
+    p.add_argument("--out", default=None, help="folder for comparison.{csv,md,png} (default: <root>/logs/compare/<time>)")
+    p.add_argument("--no-log", action="store_true", help="do not log the comparison as an MLflow run")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``fibo-compare``."""
+    args = parse_args(argv)
+    try:
+        compare(args.experiment, args.filter, args.metric, args.tracking_uri, args.all_status, args.out,
+                log=not args.no_log, density_metric=args.density_metric, ignore_params=tuple(args.ignore_param))
+    except CompareError as err:
+        print(f"fibo-compare: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
