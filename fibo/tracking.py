@@ -68,16 +68,18 @@ def is_global_zero_process() -> bool:
 
 
 def git_commit(path: str | Path) -> tuple[str | None, bool]:
-    """``(commit, dirty)`` of the git checkout holding ``path``; ``(None, False)`` outside git."""
+    """``(commit, dirty)`` of the git checkout holding ``path``; outside git ``($FIBO_GIT_COMMIT, False)``
+    (the Docker image records the commit it was built from there), else ``(None, False)``."""
+    fallback = os.environ.get("FIBO_GIT_COMMIT") or None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
-            return None, False
+            return fallback, False
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
                                 capture_output=True, text=True, timeout=10)
         return commit.stdout.strip(), bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        return None, False
+        return fallback, False
 
 
 def run_id_in_checkpoint(ckpt_path: str | Path) -> str | None:
