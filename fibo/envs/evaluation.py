@@ -1,0 +1,145 @@
+"""Rollout evaluation during training (a Lightning callback).
+
+Every ``every_n_epochs`` epochs and after the last one, the environment is recreated from the
+dataset's ``env_args`` and the policy runs ``num_episodes`` episodes from seeds ``seed, seed + 1,
+...`` (the same initial placements for every run and policy: paired comparisons). Logged to the
+run's logger: ``rollout/success_rate``, ``rollout/success_ci_low`` / ``_high`` (Wilson 95%),
+``rollout/mean_length``, ``rollout/episodes``, ``rollout/seconds``; to MLflow also an mp4 of the first
+``video_episodes`` episodes (``rollouts/epoch<E>.mp4``) and the per-seed outcomes
+(``rollouts/epoch<E>.json``) for paired comparisons.
+
+A dataset without ``env_args`` trains normally and the rollouts are refused with a warning that says
+why; an environment that cannot be built (or rendered) stops the run before training, naming the
+reason and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger("fibo")
+
+
+class RolloutEvaluation(L.Callback):
+    """See the module docstring.
+
+    Args:
+        num_episodes: episodes per evaluation (M).
+        every_n_epochs: evaluate after every K-th epoch (0: only at the end).
+        at_end: evaluate after the last epoch.
+        seed: seed of the first episode (demos use other seeds: see :func:`fibo.envs.demos.write_demos`).
+        horizon: steps per episode at most (null: the data config's ``rollout_horizon``).
+        video_episodes: how many episodes go into the mp4 (0: none).
+        video_camera: camera for the video (default: the first image key's, else ``agentview``).
+    """
+
+    def __init__(self, num_episodes: int = 50, every_n_epochs: int = 0, at_end: bool = True, seed: int = 100_000,
+                 horizon: int | None = None, video_episodes: int = 3, video_camera: str | None = None,
+                 video_size: int = 128) -> None:
+        self.num_episodes, self.every_n_epochs, self.at_end = num_episodes, every_n_epochs, at_end
+        self.seed, self.horizon = seed, horizon
+        self.video_episodes, self.video_camera, self.video_size = video_episodes, video_camera, video_size
+        self.env = None
+        self.refused: str | None = None
+        self.results: list[dict] = []
+
+    # -- environment --------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from fibo.envs.sim import EnvCreationError, camera_of, make_env
+
+        if trainer.fast_dev_run:
+            self.refused = "fast_dev_run"
+            return
+        datamodule = trainer.datamodule
+        env_args = getattr(datamodule, "env_args", None)
+        source = str(getattr(datamodule, "path", "the dataset"))
+        if not env_args:
+            self.refused = (f"{source} has no data.attrs['env_args'], so the environment cannot be recreated: "
+                            f"training goes on, rollouts are refused (no rollout/success_rate). Write robomimic's "
+                            f"env_args JSON into the file to evaluate by rollouts.")
+            log.warning(self.refused)
+            if trainer.logger is not None and hasattr(trainer.logger, "experiment") and hasattr(trainer.logger, "run_id"):
+                trainer.logger.experiment.set_tag(trainer.logger.run_id, "rollout_refused", self.refused[:5000])
+            return
+        try:
+            self.env = make_env(env_args, image_keys=list(getattr(pl_module.model, "rgb_keys", [])),
+                                image_size=getattr(datamodule, "img_size", None), source=source)
+            self._camera = self.video_camera or (camera_of(self.env.image_keys[0]) if self.env.image_keys else "agentview")
+            self.env.reset(seed=self.seed)
+            if self.video_episodes:
+                self.env.render(self._camera, self.video_size)
+        except EnvCreationError as err:
+            raise EnvCreationError(f"{err} (to train without rollouts: callbacks.rollout=null)") from err
+        self.horizon = self.horizon or int(getattr(datamodule, "rollout_horizon", 150))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.env is not None:
+            if self.at_end and trainer.current_epoch > 0 and not trainer.interrupted:
+                last = max(trainer.current_epoch - 1, 0)
+                if not self.results or self.results[-1]["epoch"] != last:
+                    self.evaluate(trainer, pl_module, last)
+            self.env.close()
+            self.env = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.env is None or not self.every_n_epochs:
+            return
+        epoch = trainer.current_epoch
+        is_last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        if (epoch + 1) % self.every_n_epochs == 0 and not (is_last and self.at_end):
+            self.evaluate(trainer, pl_module, epoch)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    # -- one evaluation -----------------------------------------------------------------------------
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> dict:
+        from fibo.envs.rollout import rollout_seeds, run_rollouts
+
+        seeds = rollout_seeds(self.num_episodes, self.seed)
+        agent = pl_module.agent()
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.inference_mode(False), torch.no_grad():
+            result = run_rollouts(agent, self.env, seeds, self.horizon, video_episodes=self.video_episodes,
+                                  video_camera=self._camera, video_size=self.video_size,
+                                  progress=lambda i, n, k: log.info("rollout %d/%d: %d successes", i, n, k) if i == n else None)
+        pl_module.train(was_training)
+        metrics = {f"rollout/{k}": float(result[k]) for k in ("success_rate", "success_ci_low", "success_ci_high",
+                                                              "mean_length", "episodes", "seconds")}
+        log.info("epoch %d rollouts: success %.3f [%.3f, %.3f] over %d episodes (mean length %.1f, %.0f s)", epoch,
+                 result["success_rate"], result["success_ci_low"], result["success_ci_high"], result["episodes"],
+                 result["mean_length"], result["seconds"])
+        for key, value in metrics.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        record = {"epoch": epoch, "seeds": seeds, "successes": [bool(s) for s in result["successes"]],
+                  **{k: v for k, v in metrics.items()}}
+        self.results.append(record)
+        self._log_artifacts(trainer, epoch, record, result["frames"])
+        return record
+
+    def _log_artifacts(self, trainer: L.Trainer, epoch: int, record: dict, frames) -> None:
+        from fibo.envs.rollout import write_mp4
+
+        out = Path(trainer.default_root_dir) / "rollouts"
+        out.mkdir(parents=True, exist_ok=True)
+        files = [out / f"epoch{epoch:03d}.json"]
+        files[0].write_text(json.dumps(record, indent=1))
+        if frames:
+            try:
+                files.append(write_mp4(out / f"epoch{epoch:03d}.mp4", frames))
+            except Exception as err:  # noqa: BLE001 - a video must never fail the run
+                log.warning("could not write the rollout video: %s", err)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "run_id") and hasattr(logger.experiment, "log_artifact"):
+            for path in files:
+                logger.experiment.log_artifact(logger.run_id, str(path), "rollouts")

@@ -1,0 +1,202 @@
+"""Policies for behaviour cloning on camera images + proprioception.
+
+One :class:`BCPolicy` (observation encoders -> MLP -> an action chunk) with four kinds of image
+encoder, chosen by ``encoder``:
+
+* ``transformer``: fibo's transformer blocks (:class:`fibo.models.vit.Block`, so Fibottention or dense
+  attention from the ``attention`` config) over image tokens plus a CLS token; the tokens come from a
+  small convolutional stem (``stem: conv``, the default: a hybrid encoder) or from a ViT patch
+  embedding (``stem: patch``). ``model=policy_fibo`` / ``model=policy_dense``.
+* ``cnn``: the same kind of conv stem followed by robomimic's ``SpatialSoftmax`` keypoints (robomimic's
+  standard visual encoder, with a small conv instead of a ResNet-18 for the CPU). ``model=policy_cnn``.
+* ``none``: no image input. ``model=policy_blind`` (proprioception only) and ``model=policy_oracle``
+  (proprioception + object state) are references for every report.
+
+Inputs: ``obs[key]`` is ``(B, F, 3, H, W)`` float in [0, 1] for image keys and ``(B, F, d)``
+(already normalised) for low-dim keys, F = frame stack. Output: ``(B, seq_length, action_dim)``
+(normalised actions). Images are randomly cropped to ``crop_size`` in training and centre-cropped
+in evaluation (robomimic's CropRandomizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fibo.attention import AttentionSpec
+
+
+def _conv_stem(in_chans: int, channels: Sequence[int], strides: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    prev = in_chans
+    for ch, stride in zip(channels, strides):
+        layers += [nn.Conv2d(prev, ch, kernel_size=3, stride=stride, padding=1), nn.GroupNorm(min(8, ch), ch), nn.GELU()]
+        prev = ch
+    return nn.Sequential(*layers)
+
+
+class TransformerImageEncoder(nn.Module):
+    """Image -> tokens (conv stem or patch embedding) -> CLS + position embedding -> fibo blocks -> CLS.
+
+    With the default conv stem (three stride-2 3x3 convs) a 76x76 crop gives a 10x10 grid: N = 100
+    patch tokens, where Fibottention's windows (5 ... N // 3) are meaningful.
+    """
+
+    def __init__(self, image_size: int = 76, in_chans: int = 3, stem: str = "conv", patch_size: int = 8,
+                 stem_channels: Sequence[int] = (32, 64), embed_dim: int = 128, depth: int = 3, num_heads: int = 4,
+                 mlp_ratio: float = 2.0, attention: AttentionSpec | Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        from timm.layers import trunc_normal_
+
+        from fibo.models.vit import Block
+
+        if stem == "conv":
+            chans = list(stem_channels)
+            self.stem = nn.Sequential(_conv_stem(in_chans, chans, [2] * len(chans)),
+                                      nn.Conv2d(chans[-1], embed_dim, kernel_size=3, stride=2, padding=1))
+        elif stem == "patch":
+            self.stem = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        else:
+            raise ValueError(f"model.stem={stem!r} must be 'conv' (convolutional stem) or 'patch' (ViT patch embedding)")
+        with torch.no_grad():
+            grid = self.stem(torch.zeros(1, in_chans, image_size, image_size)).shape[-2:]
+        self.grid = tuple(grid)
+        self.num_patch_tokens = grid[0] * grid[1]
+        self.spec = AttentionSpec.parse(attention)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patch_tokens, embed_dim))
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, attention=self.spec, depth=i, mlp_ratio=mlp_ratio,
+                                          qkv_bias=True) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.out_dim = embed_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)[:, 0]
+
+    def attention_density(self) -> dict[str, float]:
+        per_layer = [blk.attn.density(self.num_patch_tokens) for blk in self.blocks]
+        return {k: sum(d[k] for d in per_layer) / len(per_layer) for k in per_layer[0]}
+
+
+class SpatialSoftmaxEncoder(nn.Module):
+    """Conv stem -> robomimic's ``SpatialSoftmax`` (expected x/y of ``num_kp`` keypoints) -> linear."""
+
+    def __init__(self, image_size: int = 76, in_chans: int = 3, stem_channels: Sequence[int] = (32, 64, 64),
+                 stem_strides: Sequence[int] = (2, 2, 1), num_kp: int = 32, out_dim: int = 64) -> None:
+        super().__init__()
+        from robomimic.models.base_nets import SpatialSoftmax
+
+        self.stem = _conv_stem(in_chans, stem_channels, stem_strides)
+        with torch.no_grad():
+            shape = self.stem(torch.zeros(1, in_chans, image_size, image_size)).shape[1:]
+        self.pool = SpatialSoftmax(list(shape), num_kp=num_kp)
+        self.proj = nn.Linear(2 * num_kp, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(self.stem(x)).flatten(1))
+
+
+class BCPolicy(nn.Module):
+    """Observation dict -> ``(B, seq_length, action_dim)``; see the module docstring."""
+
+    def __init__(self, rgb_keys: Sequence[str], low_dim_keys: Mapping[str, int], action_dim: int,
+                 image_encoders: Mapping[str, nn.Module] | None = None, frame_stack: int = 1, seq_length: int = 1,
+                 image_size: int = 84, crop_size: int | None = 76, hidden: Sequence[int] = (256, 256),
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.rgb_keys = list(rgb_keys)
+        self.low_dim_keys = dict(low_dim_keys)
+        if not self.rgb_keys and not self.low_dim_keys:
+            raise ValueError("the policy has no inputs: data.rgb_keys and data.low_dim_keys are both empty")
+        self.action_dim, self.frame_stack, self.seq_length = int(action_dim), int(frame_stack), int(seq_length)
+        self.image_size, self.crop_size = int(image_size), int(crop_size or image_size)
+        if self.crop_size > self.image_size:
+            raise ValueError(f"model.crop_size={self.crop_size} is larger than the images ({self.image_size})")
+        self.encoders = nn.ModuleDict(image_encoders or {})
+        missing = [k for k in self.rgb_keys if k not in self.encoders]
+        if missing:
+            raise ValueError(f"no image encoder for {missing}")
+        in_dim = self.frame_stack * (sum(enc.out_dim for enc in self.encoders.values()) + sum(self.low_dim_keys.values()))
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.GELU()] + ([nn.Dropout(dropout)] if dropout else [])
+            in_dim = width
+        layers.append(nn.Linear(in_dim, self.seq_length * self.action_dim))
+        self.head = nn.Sequential(*layers)
+
+    def crop(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> crops of ``crop_size``: random per image in training, centred otherwise."""
+        c, h = self.crop_size, images.shape[-1]
+        if c == h:
+            return images
+        if not self.training:
+            o = (h - c) // 2
+            return images[..., o:o + c, o:o + c]
+        n = images.shape[0]
+        oy = torch.randint(0, images.shape[-2] - c + 1, (n,), device=images.device)
+        ox = torch.randint(0, h - c + 1, (n,), device=images.device)
+        rows = (oy[:, None] + torch.arange(c, device=images.device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(c, device=images.device))[:, None, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        return images[batch, chans, rows, cols]
+
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        features = []
+        batch = None
+        for key in self.rgb_keys:
+            x = obs[key]
+            batch, frames = x.shape[:2]
+            x = self.crop(x.reshape(batch * frames, *x.shape[2:]).float())
+            features.append(self.encoders[key]((x - 0.5) / 0.25).reshape(batch, frames, -1))
+        for key in self.low_dim_keys:
+            x = obs[key].float()
+            batch = x.shape[0]
+            features.append(x.reshape(batch, x.shape[1], -1))
+        out = self.head(torch.cat(features, dim=-1).flatten(1))
+        return out.reshape(batch, self.seq_length, self.action_dim)
+
+    def attention_density(self) -> dict[str, float]:
+        dens = [enc.attention_density() for enc in self.encoders.values() if hasattr(enc, "attention_density")]
+        if not dens:
+            return {}
+        return {k: sum(d[k] for d in dens) / len(dens) for k in dens[0]}
+
+
+def create_policy(encoder: str, rgb_keys: Sequence[str], low_dim_keys: Mapping[str, int], action_dim: int,
+                  frame_stack: int = 1, seq_length: int = 1, image_size: int = 84, crop_size: int | None = 76,
+                  hidden: Sequence[int] = (256, 256), dropout: float = 0.0, name: str | None = None,
+                  **encoder_kwargs: Any) -> BCPolicy:
+    """Build a policy (Hydra target of ``conf/model/policy_*.yaml``).
+
+    Args:
+        encoder: ``transformer`` | ``cnn`` | ``none``.
+        rgb_keys, low_dim_keys: the observation keys (``{key: dim}`` for low-dim), from the data config.
+        **encoder_kwargs: :class:`TransformerImageEncoder` (``stem``, ``patch_size``, ``embed_dim``,
+            ``depth``, ``num_heads``, ``attention``, ...) or :class:`SpatialSoftmaxEncoder` options.
+    """
+    crop = int(crop_size or image_size)
+    if encoder == "transformer":
+        encoders = {k: TransformerImageEncoder(image_size=crop, **encoder_kwargs) for k in rgb_keys}
+    elif encoder == "cnn":
+        encoder_kwargs.pop("attention", None)
+        encoders = {k: SpatialSoftmaxEncoder(image_size=crop, **encoder_kwargs) for k in rgb_keys}
+    elif encoder == "none":
+        if rgb_keys:
+            raise ValueError(f"model.encoder=none takes no images, but data.rgb_keys={list(rgb_keys)}: "
+                             f"set data.rgb_keys=[] (policy_blind / policy_oracle do)")
+        encoders = {}
+    else:
+        raise ValueError(f"model.encoder={encoder!r} must be one of 'transformer', 'cnn', 'none'")
+    return BCPolicy(rgb_keys, low_dim_keys, action_dim, encoders, frame_stack=frame_stack, seq_length=seq_length,
+                    image_size=image_size, crop_size=crop_size, hidden=hidden, dropout=dropout)
