@@ -39,3 +39,15 @@ def mlflow_runs(root: Path, experiment: str = "fibo"):
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'}"
     return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="session")
+def sweep_2x2(tmp_path_factory) -> Path:
+    """Project root holding 4 real, short ``fibo-run`` runs in experiment ``fibo`` (attention dense and
+    fibottention x seeds 0 and 1; ``debug=short``: 2 epochs of 5 batches), shared by the comparison and
+    MLflow UI tests. Tests add only comparison runs to it (tagged ``fibo.comparison``)."""
+    root = tmp_path_factory.mktemp("sweep_2x2")
+    result = fibo_run("-m", "debug=short", "experiment_name=fibo", "attention=dense,fibottention", "seed=0,1",
+                      root=root, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
