@@ -88,11 +88,19 @@ class Group:
 
     @property
     def seeds(self) -> list[str]:
-        return sorted((_seed(r) for r in self.runs), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+        return sorted((_seed(r) for r in self.runs), key=_numeric_first)
 
     @property
     def statuses(self) -> str:
         return ", ".join(f"{s} {n}" for s, n in sorted(Counter(r.info.status for r in self.runs).items()))
+
+
+def _numeric_first(text: str) -> tuple:
+    """Sort key: integers by value (2 before 10), then anything else."""
+    try:
+        return (0, int(text), "")
+    except ValueError:
+        return (1, 0, text)
 
 
 def _seed(run) -> str:
@@ -405,14 +413,14 @@ def compare(experiments: list[str] | None = None, filter_string: str = "", metri
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="fibo-compare", description=__doc__.split("\n\n")[1].replace("\n", " "),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="fibo-compare", description="\n\n".join(__doc__.split("\n\n")[1:4]).replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-e", "--experiment", action="append", default=None,
                    help="MLflow experiment to read (repeat for several; default: fibo)")
     p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`trainer/max_epochs` = '40'\" "
                    "or \"tags.`choice.data` = 'digits'\"")
-    p.add_argument("--metric", default=DEFAULT_METRIC, help="headline metric (robot runs: rollout/success_rate)")
-    p.add_argument("--density-metric", default=DENSITY_METRIC, help="x axis of the plot")
+    p.add_argument("--metric", default=DEFAULT_METRIC, help="headline metric (default: test/acc1; robot runs: rollout/success_rate)")
+    p.add_argument("--density-metric", default=DENSITY_METRIC, help="x axis of the plot and the density column (default: attention/density_patch)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db, "
                    "root = $FIBO_ROOT or the current directory)")
