@@ -118,6 +118,32 @@ def test_joint_and_space_only_and_temporal_fibottention():
         create_model("timesformer_nano", img_size=16, patch_size=2, attention_type="axial")
 
 
+
+def test_space_time_patch_embedding():
+    """patch_frames=3: each frame's tokens come from a Conv3d over 3 frames (zero-padded in time);
+    an image checkpoint loads into the central frame, so a static clip gives the image ViT's output."""
+    torch.manual_seed(0)
+    vit = create_model("vit_nano", img_size=16, patch_size=2, in_chans=3, num_classes=6).eval()
+    video = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=6, patch_frames=3).eval()
+    assert video.patch_embed.proj.weight.shape == (96, 3, 3, 2, 2)
+    report = video.load_image_weights(vit.state_dict())
+    assert report["resized"] == ["time_embed (zeroed: image checkpoint)", "patch_embed.proj.weight (4D -> 5D)"]
+    assert report["skipped"] == [] and report["unexpected"] == []
+    w = video.patch_embed.proj.weight.detach()
+    torch.testing.assert_close(w[:, :, 1], vit.patch_embed.proj.weight.detach())
+    assert torch.count_nonzero(w[:, :, 0]) == 0 and torch.count_nonzero(w[:, :, 2]) == 0
+    frame = torch.randn(2, 3, 16, 16)
+    clip = frame[:, :, None].expand(2, 3, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(video(clip), vit(frame), atol=1e-5, rtol=1e-4)
+    # a token of frame t sees frames t-1, t, t+1 and nothing else
+    fresh = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=6, patch_frames=3)
+    clip = torch.zeros(1, 3, 4, 16, 16, requires_grad=True)
+    fresh.patch_embed(clip)[0, 1, 0].sum().backward()
+    assert [bool(clip.grad[0, :, t].abs().sum() > 0) for t in range(4)] == [True, True, True, False]
+    with pytest.raises(ValueError, match="patch_frames=2: use an odd number of frames"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, patch_frames=2)
+
 # ---------------------------------------------------------------- data
 def test_moving_digits_layouts_agree(small_set):
     assert sorted(p.name for p in small_set.iterdir()) == ["classes.txt", "dataset.json", "test", "test.txt", "train", "train.txt", "val", "val.txt"]

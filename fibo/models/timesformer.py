@@ -70,6 +70,30 @@ def _sincos_1d(length: int, dim: int) -> torch.Tensor:
     return out
 
 
+class SpaceTimePatchEmbed(nn.Module):
+    """Patch embedding that sees ``frames`` consecutive frames per token: a Conv3d with kernel
+    ``(frames, p, p)``, stride ``(1, p, p)`` and zero padding in time, so every frame still gets its
+    own ``P`` tokens (TimeSformer's token layout) but each token carries local motion. This is the
+    3D-convolutional tokeniser of video transformers (ViViT's tubelet embedding, MViT's and Video
+    Swin's conv stems) without temporal downsampling. An image checkpoint's 2D kernel loads into the
+    central frame (ViViT's "central frame initialisation"), see :meth:`TimeSformer.load_image_weights`.
+
+    Input ``(B, C, T, H, W)``; output ``(B, T, P, D)``.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, frames: int) -> None:
+        super().__init__()
+        if frames < 1 or frames % 2 == 0:
+            raise ValueError(f"patch_frames={frames}: use an odd number of frames (1 = per-frame patches, 3, 5, ...)")
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(frames, patch_size, patch_size),
+                              stride=(1, patch_size, patch_size), padding=(frames // 2, 0, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.proj(x), "b d t h w -> b t (h w) d")
+
+
 class DividedBlock(Block):
     """A ViT block (fibo attention, timm layers and names) plus TimeSformer's temporal branch."""
 
@@ -113,6 +137,8 @@ class TimeSformer(nn.Module):
         num_frames: T, the frames per clip the time embedding is built for (other T are interpolated).
         attention: the ``attention`` config (pattern of spatial attention; ``temporal`` key: the
             temporal pattern); ``attention_type``: ``divided`` | ``joint`` | ``space_only``.
+        patch_frames: frames each patch token is embedded from: 1 = per-frame patches (TimeSformer,
+            timm's ``PatchEmbed``), an odd k > 1 = :class:`SpaceTimePatchEmbed` (Conv3d over k frames).
         pretrained: optional path of an image (fibo/timm ViT) or video checkpoint to initialise from.
         other arguments: as timm's VisionTransformer.
 
@@ -124,7 +150,7 @@ class TimeSformer(nn.Module):
                  num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, attention: Mapping[str, Any] | AttentionSpec | None = None,
-                 attention_type: str = "divided", pretrained: str | None = None) -> None:
+                 attention_type: str = "divided", patch_frames: int = 1, pretrained: str | None = None) -> None:
         super().__init__()
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type={attention_type!r}: choose one of {list(ATTENTION_TYPES)}")
@@ -133,7 +159,11 @@ class TimeSformer(nn.Module):
         self.attention_type, self.num_frames = attention_type, num_frames
         self.num_patch_tokens = grid[0] * grid[1]
         self.num_classes, self.embed_dim = num_classes, embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_frames = patch_frames
+        if patch_frames == 1:  # TimeSformer: each frame's patches embedded on their own (timm's PatchEmbed)
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        else:
+            self.patch_embed = SpaceTimePatchEmbed(img_size, patch_size, in_chans, embed_dim, patch_frames)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patch_tokens, embed_dim))
         self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
@@ -189,10 +219,11 @@ class TimeSformer(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"TimeSformer expects clips (B, C, T, H, W), got shape {tuple(x.shape)}")
         B, _, T = x.shape[:3]
-        frames = rearrange(x, "b c t h w -> (b t) c h w")
-        tokens = self.patch_embed(frames)  # (B*T, P, D)
-        tokens = tokens + self.pos_embed[:, 1:]
-        tokens = rearrange(tokens, "(b t) p d -> b t p d", b=B) + self._time_embed(T)[:, :, None]
+        if self.patch_frames == 1:
+            tokens = rearrange(self.patch_embed(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) p d -> b t p d", b=B)
+        else:
+            tokens = self.patch_embed(x)  # (B, T, P, D)
+        tokens = tokens + self.pos_embed[:, None, 1:] + self._time_embed(T)[:, :, None]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = self.pos_drop(torch.cat([cls, rearrange(tokens, "b t p d -> b (t p) d")], dim=1))
         for blk in self.blocks:
@@ -218,7 +249,9 @@ class TimeSformer(nn.Module):
         checkpoint. Position and time embeddings are interpolated to this model's grid and frame
         count; an image checkpoint (no time embedding) sets the time embedding to zero, so that with
         the zero-initialised temporal branch the model starts as the image model applied to every
-        frame. A classifier head of another size is left as initialised. Every key that does not
+        frame. A 2D patch kernel goes into the central frame of a 3D one (``patch_frames > 1``;
+        a 3D kernel into a per-frame model is summed over time). A classifier head of another
+        size is left as initialised. Every key that does not
         load is reported (logged and returned), never silently skipped.
 
         Returns:
@@ -239,6 +272,10 @@ class TimeSformer(nn.Module):
             te = state["time_embed"].transpose(1, 2)
             state["time_embed"] = nn.functional.interpolate(te, size=self.num_frames, mode="linear", align_corners=False).transpose(1, 2)
             report["resized"].append("time_embed")
+        kernel = state.get("patch_embed.proj.weight")
+        if kernel is not None and kernel.ndim != own["patch_embed.proj.weight"].ndim:
+            state["patch_embed.proj.weight"] = _convert_patch_kernel(kernel, own["patch_embed.proj.weight"])
+            report["resized"].append(f"patch_embed.proj.weight ({kernel.ndim}D -> {own['patch_embed.proj.weight'].ndim}D)")
         for key in list(state):
             if key in own and state[key].shape != own[key].shape:
                 report["skipped"].append(f"{key} {tuple(state[key].shape)} != {tuple(own[key].shape)}")
@@ -250,3 +287,16 @@ class TimeSformer(nn.Module):
                 log.warning("load_image_weights: %d %s key(s): %s", len(report[kind]), kind, ", ".join(report[kind][:12])
                             + (" ..." if len(report[kind]) > 12 else ""))
         return report
+
+
+def _convert_patch_kernel(kernel: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A 2D patch kernel ``(D, C, p, p)`` into the central frame of a 3D one ``(D, C, k, p, p)``
+    (ViViT's central frame initialisation: the video model starts as the image model), or a 3D
+    kernel back to 2D by summing over time (the response to a static clip is unchanged)."""
+    if kernel.ndim == 4 and target.ndim == 5:
+        out = torch.zeros(*kernel.shape[:2], target.shape[2], *kernel.shape[2:], dtype=kernel.dtype)
+        out[:, :, target.shape[2] // 2] = kernel
+        return out
+    if kernel.ndim == 5 and target.ndim == 4:
+        return kernel.sum(dim=2)
+    return kernel
