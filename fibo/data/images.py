@@ -260,12 +260,19 @@ class TinyImageNetVal(Dataset):
             return img.convert("RGB"), label
 
 
+def _unlabelled_tiny_imagenet_test(folder: Path) -> bool:
+    """Tiny-ImageNet's ``test/``: ``test/images/*.JPEG`` without labels (not a split fibo can score)."""
+    subdirs = [p.name for p in folder.iterdir() if p.is_dir()]
+    return subdirs == ["images"] and not (folder / "val_annotations.txt").is_file()
+
+
 class ImageFolderDataModule(ImageDataModule):
     """Class-named folders (torchvision ``ImageFolder``), covering ImageNet and Tiny-ImageNet layouts.
 
     ``root/train/<class>/**/<image>`` is required. Splits:
 
     * ``root/test/<class>/...`` present: train / val / test as given (``val`` must exist too);
+      Tiny-ImageNet's unlabelled ``test/images/`` does not count;
     * otherwise ``root/val`` is the test split (as papers report ImageNet-style val accuracy), and a
       seeded, stratified ``val_fraction`` of ``train`` is the validation split. ``root/val`` may be
       class folders or Tiny-ImageNet's ``images/`` + ``val_annotations.txt``.
@@ -299,7 +306,7 @@ class ImageFolderDataModule(ImageDataModule):
         self._classes = train_full.classes
         self._check_num_classes(len(self._classes))
         val_dir, test_dir = self.root / "val", self.root / "test"
-        if test_dir.is_dir():
+        if test_dir.is_dir() and not _unlabelled_tiny_imagenet_test(test_dir):
             if not val_dir.is_dir():
                 raise FileNotFoundError(f"{self.root} has test/ but no val/: add val/<class>/ images")
             return train_full, self._labelled(val_dir, train_full.class_to_idx), self._labelled(test_dir, train_full.class_to_idx)
