@@ -77,6 +77,7 @@ def test_video_overlay_pins_the_papers_setting(name):
     choices = cfg.hydra.runtime.choices
     assert (choices.task, choices.data, choices.attention) == ("video", "videolist", "fibottention")
     assert cfg.model.name == "timesformer_base" and cfg.model.attention_type == "divided"
+    assert cfg.model.patch_frames == 1  # TimeSformer's per-frame patches
     assert (cfg.data.num_frames, cfg.data.sampling_rate, cfg.data.img_size, cfg.data.patch_size) == (8, 32, 224, 16)
     assert cfg.attention.name == "fibottention" and cfg.attention.temporal == "dense"  # Fibottention in space only
     assert cfg.data.num_classes == VIDEO[name]
