@@ -66,7 +66,8 @@ def _route_lightning_logs_through_hydra() -> None:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Train (and test) one configuration. Returns ``test/acc1`` (or the last ``val/acc1``).
+    """Train (and test) one configuration. Returns ``test/acc1`` (or the last ``val/acc1``; another
+    metric where ``result_metric`` names one).
 
     Every run is an MLflow run from the moment its config is composed: a crash in data loading,
     model building, training or testing ends it FAILED (KILLED on Ctrl-C) with the error as a tag;
@@ -120,11 +121,11 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")
-        result = trainer.callback_metrics.get("val/acc1")
+        result = trainer.callback_metrics.get(_result_name(cfg))
         if cfg.test:
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
             tested = trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
-            result = tested[0].get("test/acc1") if tested else None
+            result = tested[0].get(_result_name(cfg)) if tested else None
     except (KeyboardInterrupt, SystemExit) as err:
         if rank_zero:
             _log_data_report(logger, locals().get("datamodule"))
@@ -163,8 +164,15 @@ def _log_data_report(logger, datamodule) -> None:
         log.warning("could not log the data report: %s", err)
 
 
+def _result_name(cfg: DictConfig) -> str:
+    """The run's headline metric: ``result_metric.test`` after testing, else ``result_metric.fit``
+    (``test/acc1`` / ``val/acc1`` unless a task config says otherwise, e.g. ``rollout/success_rate``)."""
+    names = cfg.get("result_metric") or {}
+    return names.get("test", "test/acc1") if cfg.test else names.get("fit", "val/acc1")
+
+
 def _report(cfg: DictConfig, logger, choices: dict, metrics: dict, result) -> None:
-    name = "test/acc1" if cfg.test else "val/acc1"
+    name = _result_name(cfg)
     density = metrics.get("attention/density")
     lines = [
         "",

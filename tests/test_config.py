@@ -21,6 +21,8 @@ VIDEO_DATA = {
     "videolist": ["data.train_list=train.txt", "data.val_list=val.txt", "data.num_classes=60"],
 }
 
+ROBOT_DATA = {"lift": [], "metaworld": [], "robomimic_hdf5": ["data.path=/demos/image.hdf5"]}
+
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
@@ -50,12 +52,18 @@ def test_every_option_composes(tmp_path, group, option):
     video = option.startswith("timesformer") or option in VIDEO_DATA
     if video:
         overrides = ["task=video", *overrides, *VIDEO_DATA.get(option, [])]
+    robot = option.startswith("policy_") or option in ROBOT_DATA
+    if robot:
+        overrides = ["task=robot", *overrides, *ROBOT_DATA.get(option, [])]
     cfg = compose_cfg(tmp_path, overrides)
     assert cfg.hydra.runtime.choices[group] == option
-    if group == "data":
+    if robot:  # robot data and policies: tests/test_robot*.py check them further
+        built = instantiate(cfg.data if group == "data" else cfg.model)
+        assert built.action_dim == cfg.data.action_dim
+    elif group == "data":
         dm = instantiate(cfg.data)
         assert dm.img_size == cfg.data.img_size and dm.num_classes == cfg.data.num_classes
-    if group in ("model", "attention"):
+    if group in ("model", "attention") and not robot:
         with open_dict(cfg):
             cfg.model.depth = 2  # keep vit_base cheap
         model = instantiate(cfg.model)

@@ -5,10 +5,11 @@ statistics computed on the training demos.
 
 The same module reads fibo's generated demos (:mod:`fibo.envs.demos`) and robomimic's official
 datasets (e.g. ``lift/ph/image.hdf5``). A batch is ``{"obs": {key: (B, F, ...)}, "actions":
-(B, T, A), "pad_mask": (B, T)}`` with F = ``frame_stack`` observations up to the current step
-(images as float ``(3, H, W)`` in [0, 1], robomimic's ``process_obs`` convention) and T =
-``seq_length`` actions from the current step; ``pad_mask`` is False where an action was repeated
-past the end of the episode.
+(B, T, A), "pad_mask": (B, T), "obs_pad_mask": (B, F)}`` with F = ``frame_stack`` observations up to
+the current step (images as float ``(3, H, W)`` in [0, 1], robomimic's ``process_obs`` convention)
+and T = ``seq_length`` actions from the current step; ``pad_mask`` is False where an action was
+repeated past the end of the episode, ``obs_pad_mask`` where the first observation was repeated
+before its start (robomimic's padding: edge values repeated).
 
 Files without ``mask/``: all demos are used, with a seeded ``valid_fraction`` of them held out for
 validation (a warning says so). Files without ``data.attrs["env_args"]`` train normally; rollouts
@@ -201,8 +202,9 @@ class SequenceData(Dataset):
             x = np.asarray(item["obs"][key][:f], dtype=np.float32)
             obs[key] = torch.from_numpy(x.reshape(f, -1))
         actions = torch.from_numpy(np.asarray(item["actions"][f - 1:], dtype=np.float32))
-        pad_mask = torch.from_numpy(np.asarray(item["pad_mask"][f - 1:, 0], dtype=bool))
-        return {"obs": obs, "actions": actions, "pad_mask": pad_mask}
+        mask = np.asarray(item["pad_mask"][:, 0], dtype=bool)
+        return {"obs": obs, "actions": actions, "pad_mask": torch.from_numpy(mask[f - 1:]),
+                "obs_pad_mask": torch.from_numpy(mask[:f])}
 
 
 class RobomimicDataModule(L.LightningDataModule):

@@ -36,14 +36,17 @@ class RolloutEvaluation(L.Callback):
         horizon: steps per episode at most (null: the data config's ``rollout_horizon``).
         video_episodes: how many episodes go into the mp4 (0: none).
         video_camera: camera for the video (default: the first image key's, else ``agentview``).
+        video_size: side of the video frames in pixels.
+        num_threads: torch threads while rolling out (null: unchanged).
     """
 
     def __init__(self, num_episodes: int = 50, every_n_epochs: int = 0, at_end: bool = True, seed: int = 100_000,
                  horizon: int | None = None, video_episodes: int = 3, video_camera: str | None = None,
-                 video_size: int = 128) -> None:
+                 video_size: int = 128, num_threads: int | None = 1) -> None:
         self.num_episodes, self.every_n_epochs, self.at_end = num_episodes, every_n_epochs, at_end
         self.seed, self.horizon = seed, horizon
         self.video_episodes, self.video_camera, self.video_size = video_episodes, video_camera, video_size
+        self.num_threads = num_threads
         self.env = None
         self.refused: str | None = None
         self.results: list[dict] = []
@@ -107,11 +110,15 @@ class RolloutEvaluation(L.Callback):
         agent = pl_module.agent()
         was_training = pl_module.training
         pl_module.eval()
-        with torch.inference_mode(False), torch.no_grad():
-            result = run_rollouts(agent, self.env, seeds, self.horizon, video_episodes=self.video_episodes,
-                                  video_camera=self._camera, video_size=self.video_size,
-                                  progress=lambda i, n, k: log.info("rollout %d/%d: %d successes", i, n, k) if i == n else None)
-        pl_module.train(was_training)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads or threads)  # batch-1 inference: more threads only add overhead
+        try:
+            with torch.no_grad():
+                result = run_rollouts(agent, self.env, seeds, self.horizon, video_episodes=self.video_episodes,
+                                      video_camera=self._camera, video_size=self.video_size)
+        finally:
+            torch.set_num_threads(threads)
+            pl_module.train(was_training)
         metrics = {f"rollout/{k}": float(result[k]) for k in ("success_rate", "success_ci_low", "success_ci_high",
                                                               "mean_length", "episodes", "seconds")}
         log.info("epoch %d rollouts: success %.3f [%.3f, %.3f] over %d episodes (mean length %.1f, %.0f s)", epoch,

@@ -142,7 +142,7 @@ class RobosuiteEnv:
         self.image_keys = list(image_keys)
         self.cameras = [camera_of(k) for k in self.image_keys]
         self.image_size = size
-        self._renderer = None
+        self._renderers: dict[int, object] = {}
         self.action_dim = int(self.env.action_dim)
 
     # -- rendering ----------------------------------------------------------------------------
@@ -150,15 +150,16 @@ class RobosuiteEnv:
         return self.env.sim.model._model
 
     def render(self, camera: str, size: int | None = None) -> np.ndarray:
+        """``(size, size, 3)`` uint8 image of ``camera`` (one renderer per size, rebuilt if the model changes)."""
         from fibo.envs.render import CameraRenderer
 
         size = size or self.image_size
-        if self._renderer is None or self._renderer.model is not self._model() or self._renderer_size != size:
-            if self._renderer is not None:
-                self._renderer.close()
-            self._renderer = CameraRenderer(self._model(), size, size)
-            self._renderer_size = size
-        return self._renderer.render(self.env.sim.data._data, camera)
+        renderer = self._renderers.get(size)
+        if renderer is None or renderer.model is not self._model():
+            if renderer is not None:
+                renderer.close()
+            renderer = self._renderers[size] = CameraRenderer(self._model(), size, size)
+        return renderer.render(self.env.sim.data._data, camera)
 
     # -- episode ------------------------------------------------------------------------------
     def _obs(self, raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -193,9 +194,9 @@ class RobosuiteEnv:
         return np.array(self.env.sim.data.body_xpos[self.env.cube_body_id])
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        for renderer in self._renderers.values():
+            renderer.close()
+        self._renderers = {}
         self.env.close()
 
 
@@ -221,7 +222,7 @@ class MetaworldEnv:
         self.image_keys = list(image_keys)
         self.cameras = [camera_of(k) for k in self.image_keys]
         self.image_size = image_size or int(self.kwargs.get("camera_heights", 84))
-        self._renderer = None
+        self._renderers: dict[int, object] = {}
         self.action_dim = int(self.env.action_space.shape[0])
         self._last_info: dict = {}
         self._raw = None
@@ -230,9 +231,9 @@ class MetaworldEnv:
         from fibo.envs.render import CameraRenderer
 
         size = size or self.image_size
-        if self._renderer is None:
-            self._renderer = CameraRenderer(self.env.model, size, size)
-        return self._renderer.render(self.env.data, camera)
+        if size not in self._renderers:
+            self._renderers[size] = CameraRenderer(self.env.model, size, size)
+        return self._renderers[size].render(self.env.data, camera)
 
     def _obs(self, raw: np.ndarray) -> dict[str, np.ndarray]:
         raw = np.asarray(raw, dtype=np.float64)
@@ -267,7 +268,7 @@ class MetaworldEnv:
         return self._raw
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        for renderer in self._renderers.values():
+            renderer.close()
+        self._renderers = {}
         self.env.close()
