@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[video,test,cluster]"
+	$(PY) -m pip install --quiet -e ".[video,robot,test,cluster]"
 	@touch $(STAMP)
 
 setup: $(STAMP)
