@@ -1,0 +1,100 @@
+"""Policies: every model config builds, runs forward and backward, and acts in an environment loop."""
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from fibo.models.policy import create_policy
+from fibo.tasks.robot import BehaviorCloning, Normalizer
+
+LOW_DIM = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2}
+
+
+def compose(tmp_path, *overrides):
+    from test_config import compose_cfg
+
+    return compose_cfg(tmp_path, ["task=robot", *overrides])
+
+
+def batch_for(cfg, size=4):
+    obs = {k: torch.rand(size, cfg.data.frame_stack, 3, 84, 84) for k in cfg.data.rgb_keys}
+    obs.update({k: torch.randn(size, cfg.data.frame_stack, d) for k, d in cfg.data.low_dim_keys.items()})
+    return obs
+
+
+@pytest.mark.parametrize("name", ["policy_fibo", "policy_dense", "policy_cnn", "policy_blind", "policy_oracle"])
+def test_policy_forward_backward(tmp_path, name):
+    cfg = compose(tmp_path, f"model={name}", "data.seq_length=3", "data.frame_stack=2")
+    policy = instantiate(cfg.model)
+    obs = batch_for(cfg)
+    out = policy(obs)
+    assert out.shape == (4, 3, 7)
+    out.pow(2).mean().backward()
+    first = next(p for p in policy.parameters() if p.requires_grad)
+    assert first.grad is not None and first.grad.abs().sum() > 0, f"{name}: no gradient reaches the first layer"
+    assert all(p.grad is not None for p in policy.parameters()), f"{name}: some parameters get no gradient"
+    expected_keys = {"policy_blind": [], "policy_oracle": []}.get(name, ["agentview_image"])
+    assert policy.rgb_keys == expected_keys
+    assert ("object" in policy.low_dim_keys) == (name == "policy_oracle")
+
+
+def test_fibottention_policy_is_sparse_and_dense_is_not(tmp_path):
+    fibo = instantiate(compose(tmp_path, "model=policy_fibo").model)
+    dense = instantiate(compose(tmp_path, "model=policy_dense").model)
+    encoder = fibo.encoders["agentview_image"]
+    assert encoder.num_patch_tokens == 100  # 76x76 crop through the conv stem: 10x10 tokens
+    assert encoder.spec.name == "fibottention" and dense.encoders["agentview_image"].spec.name == "dense"
+    assert 0.0 < fibo.attention_density()["density_patch"] < 0.5
+    assert dense.attention_density()["density_patch"] == 1.0
+    # the image matters: different images give different actions (the encoder is not bypassed)
+    fibo.eval()
+    obs = batch_for(compose(tmp_path, "model=policy_fibo"), size=2)
+    obs = {k: v[:1].expand(2, *v.shape[1:]).clone() for k, v in obs.items()}
+    obs["agentview_image"][1] = torch.rand_like(obs["agentview_image"][1])
+    out = fibo(obs)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_patch_stem_option(tmp_path):
+    policy = instantiate(compose(tmp_path, "model=policy_fibo", "model.stem=patch", "model.patch_size=8").model)
+    assert policy.encoders["agentview_image"].num_patch_tokens == 81  # floor(76 / 8) ** 2
+    with pytest.raises(ValueError, match="model.stem='pixels' must be 'conv'"):
+        create_policy("transformer", ["agentview_image"], LOW_DIM, 7, stem="pixels")
+
+
+def test_random_crop_in_training_centre_crop_in_eval():
+    policy = create_policy("cnn", ["agentview_image"], LOW_DIM, 7, crop_size=76)
+    images = torch.arange(84.0).expand(2, 3, 84, 84).clone()  # value = column index
+    policy.eval()
+    assert policy.crop(images)[0, 0, 0, :3].tolist() == [4.0, 5.0, 6.0]
+    policy.train()
+    torch.manual_seed(0)
+    starts = {int(policy.crop(images)[i, 0, 0, 0]) for i in range(2) for _ in range(10)}
+    assert len(starts) > 1 and min(starts) >= 0 and max(starts) <= 8
+
+
+def test_agent_stacks_frames_and_denormalises():
+    policy = create_policy("none", [], LOW_DIM, 7, frame_stack=2, seq_length=3)
+    task = BehaviorCloning(policy)
+    mean, std = [0.5] * 7, [2.0] * 7
+    task.normalizer = Normalizer({"actions": {"mean": mean, "std": std},
+                                  "obs": {k: {"mean": [0.0] * d, "std": [1.0] * d} for k, d in LOW_DIM.items()}})
+    seen = []
+    original = policy.forward
+
+    def spy(obs):
+        seen.append({k: v.clone() for k, v in obs.items()})
+        return torch.zeros(1, 3, 7) + 0.1
+
+    policy.forward = spy
+    agent = task.agent()
+    agent.reset()
+    steps = [{k: np.full(d, float(t)) for k, d in LOW_DIM.items()} for t in range(3)]
+    actions = [agent.act(o) for o in steps]
+    assert seen[0]["robot0_eef_pos"][0, :, 0].tolist() == [0.0, 0.0]  # first frame repeated, like robomimic
+    assert seen[2]["robot0_eef_pos"][0, :, 0].tolist() == [1.0, 2.0]
+    assert np.allclose(actions[0], 0.1 * 2.0 + 0.5)  # denormalised first action of the chunk
+    policy.forward = original
+    with pytest.raises(KeyError, match=r"does not provide observation\(s\) \['robot0_eef_quat'\]"):
+        agent.act({"robot0_eef_pos": np.zeros(3), "robot0_gripper_qpos": np.zeros(2)})
