@@ -193,13 +193,19 @@ class VideoDataModule(L.LightningDataModule):
             out = {}
             for split in ("train", "val", "test"):
                 src = self.lists[split] or (self.lists["val"] if split == "test" else None)
+                if split == "test" and not self.lists["test"] and src:
+                    log.info("data.test_list is not set: testing on the validation list %s", src)
                 if src is None:
                     raise ValueError(f"data.{split}_list is not set (train_list is): give a list file for it")
                 out[split] = parse_list_file(src, self.root)
             return out
         train, classes = scan_class_folders(self.root / "train")
         val, _ = scan_class_folders(self.root / "val", classes)
-        test = scan_class_folders(self.root / "test", classes)[0] if (self.root / "test").is_dir() else val
+        if (self.root / "test").is_dir():
+            test = scan_class_folders(self.root / "test", classes)[0]
+        else:
+            log.info("no %s folder: testing on the validation videos", self.root / "test")
+            test = val
         if len(classes) != self.num_classes:
             raise ValueError(f"data.num_classes={self.num_classes} but {self.root / 'train'} has "
                              f"{len(classes)} class folders: set data.num_classes={len(classes)}")
