@@ -20,7 +20,7 @@ Backends: ``dense`` (SDPA without mask, the reference), ``sdpa_mask`` (SDPA with
 Fibottention mask: the dense-mask path), ``sparse`` (the fused CPU kernel of
 :mod:`fibo.attention.sparse`), ``flex`` (FlexAttention, CUDA only: on the CPU it has no backward).
 
-Writes ``<out>/<stem>.csv`` and ``<out>/<stem>.md`` (default ``experiments/sparse_attention_benchmark``)
+Writes ``<out>/<stem>.csv`` and ``<out>/<stem>.md`` (default ``experiments/sparse_attention_benchmark``; ``--quick``: ``logs/bench/``)
 and, with ``--mlflow``, one MLflow run (experiment ``fibo-bench``) with every number as a metric
 and both files as artifacts.
 """
@@ -333,7 +333,8 @@ def parse_args(argv=None):
     p.add_argument("--e2e-steps", type=int, default=None, help="max timed steps per model (default 6, quick 1)")
     p.add_argument("--no-e2e", action="store_true", help="skip the ViT-S/16 training throughput")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="experiments", help="output folder")
+    p.add_argument("--out", default=None,
+                   help="output folder (default experiments/, or logs/bench/ with --quick so that a smoke run leaves the recorded results alone)")
     p.add_argument("--stem", default=None, help="file name stem (default sparse_attention_benchmark[_quick][_cuda])")
     p.add_argument("--mlflow", action="store_true", help="log to MLflow ($MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     return p.parse_args(argv)
@@ -382,7 +383,7 @@ def main(argv=None) -> int:
            "threads": torch.get_num_threads(), "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
            "date": time.strftime("%Y-%m-%d %H:%M")}
     stem = args.stem or ("sparse_attention_benchmark" + ("_quick" if args.quick else "") + ("_cuda" if device.type == "cuda" else ""))
-    out = Path(args.out)
+    out = Path(args.out or ("logs/bench" if args.quick else "experiments"))
     out.mkdir(parents=True, exist_ok=True)
     keys = ["N", "L", "B", "H", "d", "backend", "density", "fwd_ms", "fwd_iqr_ms", "fwd_ratio", "fb_ms", "fb_iqr_ms",
             "fb_ratio", "peak_mib", "build_ms", "build_mib", "reps", "note"]
