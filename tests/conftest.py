@@ -23,7 +23,19 @@ def fibo_run(*overrides: str, root: Path, timeout: int = 600, env: dict | None =
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update({"FIBO_ROOT": str(root), "PYTHONUNBUFFERED": "1"})
     full_env.update(env or {})
-    return subprocess.run([str(exe), *overrides], cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(exe), *overrides], cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when pytest dies, so a killed test session leaves no training behind."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except OSError:
+        pass
 
 
 @pytest.fixture
