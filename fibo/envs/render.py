@@ -16,6 +16,19 @@ RENDER_HELP = (
 )
 
 
+def _load_llvm_users_first() -> None:
+    """Import triton (torch's compiler backend, which bundles its own LLVM) before Mesa's llvmpipe
+    loads LLVM for the GL context: the other order segfaults when triton is first imported later
+    (e.g. by ``torch._dynamo`` through torchvision or Lightning)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        try:
+            import triton  # noqa: F401
+        except Exception:  # noqa: BLE001 - a broken triton only matters to code that uses it
+            pass
+
+
 class RenderingUnavailable(RuntimeError):
     """No OpenGL context could be created for offscreen rendering."""
 
@@ -28,6 +41,7 @@ class CameraRenderer:
     """
 
     def __init__(self, model, height: int = 84, width: int = 84) -> None:
+        _load_llvm_users_first()
         import mujoco
 
         self.model = model
