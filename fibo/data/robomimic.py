@@ -203,7 +203,7 @@ class SequenceData(Dataset):
             obs[key] = torch.from_numpy(x.reshape(f, -1))
         actions = torch.from_numpy(np.asarray(item["actions"][f - 1:], dtype=np.float32))
         mask = np.asarray(item["pad_mask"][:, 0], dtype=bool)
-        return {"obs": obs, "actions": actions, "pad_mask": torch.from_numpy(mask[f - 1:]),
+        return {"actions": actions, "obs": obs, "pad_mask": torch.from_numpy(mask[f - 1:]),
                 "obs_pad_mask": torch.from_numpy(mask[:f])}
 
 

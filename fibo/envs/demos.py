@@ -99,7 +99,10 @@ def _write_demo(group, steps: dict, obs_keys: list[str]) -> int:
     obs_seq = steps["obs"] + [steps["final_obs"]]
     for key in obs_keys:
         values = np.stack([np.asarray(o[key]) for o in obs_seq])
-        kwargs = {"compression": "gzip", "compression_opts": 4} if values.dtype == np.uint8 else {}
+        # one chunk per frame: training reads single frames at random (a chunk spanning frames would be
+        # decompressed whole for each of them)
+        kwargs = ({"compression": "gzip", "compression_opts": 4, "chunks": (1, *values.shape[1:])}
+                  if values.dtype == np.uint8 else {})
         group.create_dataset(f"obs/{key}", data=values[:-1], **kwargs)
         group.create_dataset(f"next_obs/{key}", data=values[1:], **kwargs)
     group.create_dataset("actions", data=np.asarray(steps["actions"], dtype=np.float32))
