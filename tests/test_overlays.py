@@ -22,6 +22,8 @@ IMAGE = {  # overlay: (data choice, classes, published dense / Fibottention top-
     "paper_tinyimagenet": ("imagefolder", 200, "75.2", "79.1"),
 }
 VIDEO = {"paper_video_smarthome": 31, "paper_video_ntu60": 60, "paper_video_nucla": 10}
+ROBOT = {"paper_robomimic_lift": "lift", "paper_robomimic_can": "can"}
+RECIPES = {"paper_image_recipe", "paper_video_recipe", "paper_robot_recipe"}  # shared parts
 
 
 def _compose(*overrides):
@@ -30,8 +32,8 @@ def _compose(*overrides):
 
 
 def test_every_paper_overlay_is_covered():
-    found = {p.stem for p in EXPERIMENTS.glob("paper_*.yaml")} - {"paper_image_recipe", "paper_video_recipe"}
-    assert found == set(IMAGE) | set(VIDEO), found
+    found = {p.stem for p in EXPERIMENTS.glob("paper_*.yaml")} - RECIPES
+    assert found == set(IMAGE) | set(VIDEO) | set(ROBOT), found
 
 
 @pytest.mark.parametrize("name", sorted(IMAGE))
@@ -84,6 +86,23 @@ def test_video_overlay_pins_the_papers_setting(name):
     assert cfg.data.train_list.endswith("/train.txt") and cfg.experiment_name == name.replace("_", "-")
     header = (EXPERIMENTS / f"{name}.yaml").read_text()
     assert f"fibo-run experiment={name}" in header and "Expected:" in header
+
+
+@pytest.mark.parametrize("name", sorted(ROBOT))
+def test_robot_overlay_pins_the_papers_setting(name):
+    cfg = _compose(f"experiment={name}")
+    choices = cfg.hydra.runtime.choices
+    assert (choices.task, choices.data, choices.model, choices.attention) == ("robot", "robomimic_hdf5", "policy_fibo",
+                                                                              "fibottention")
+    model = cfg.model  # a ViT-B encoder on 8x8 patches of 76x76 crops of 84x84 images
+    assert (model.encoder, model.stem, model.patch_size, model.embed_dim, model.depth, model.num_heads) == \
+        ("transformer", "patch", 8, 768, 12, 12)
+    assert (cfg.data.img_size, model.crop_size) == (84, 76)
+    assert cfg.data.path.endswith(f"robomimic/{ROBOT[name]}/ph/image.hdf5")
+    assert cfg.result_metric.fit == "rollout/success_rate" and cfg.experiment_name == name.replace("_", "-")
+    header = (EXPERIMENTS / f"{name}.yaml").read_text()
+    assert f"fibo-run experiment={name}" in header and "Expected:" in header
+    assert _compose(f"experiment={name}", "attention=dense").attention.name == "dense"
 
 
 # ---- one fast_dev_run step per overlay, on substitute data ---------------------------------------
@@ -202,3 +221,41 @@ def test_video_overlays_run_a_step(tmp_path):
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["data/sampling_rate"] == "32" and run.data.params["attention/temporal"] == "dense"
+
+
+def _write_robomimic(path: Path, rng, demos: int = 3, steps: int = 6) -> None:
+    """A tiny robomimic image dataset with the paper's observation keys (no env_args: no rollouts)."""
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for i in range(demos):
+            g = data.create_group(f"demo_{i}")
+            for key in ("agentview_image", "robot0_eye_in_hand_image"):
+                g.create_dataset(f"obs/{key}", data=rng.integers(0, 256, (steps, 84, 84, 3), dtype=np.uint8))
+            for key, dim in (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2)):
+                g.create_dataset(f"obs/{key}", data=rng.normal(size=(steps, dim)))
+            g.create_dataset("actions", data=rng.uniform(-1, 1, (steps, 7)).astype(np.float32))
+            g.attrs["num_samples"] = steps
+        data.attrs["total"] = demos * steps
+        f.create_dataset("mask/train", data=np.array([f"demo_{i}" for i in range(demos - 1)], dtype="S"))
+        f.create_dataset("mask/valid", data=np.array([f"demo_{demos - 1}"], dtype="S"))
+
+
+@pytest.mark.slow
+def test_robot_overlays_run_a_step(tmp_path):
+    pytest.importorskip("robomimic", reason='the robot extra: pip install -e ".[robot]"')
+    rng = np.random.default_rng(0)
+    for name, env in ROBOT.items():
+        _write_robomimic(tmp_path / "data" / "robomimic" / env / "ph" / "image.hdf5", rng)
+    # ++: the sweep's first compose (before experiment= applies) is on the default ViT, without these keys
+    shrink = ("++model.embed_dim=32", "++model.depth=1", "++model.num_heads=2", "data.batch_size=2", "data.num_workers=0")
+    result = fibo_run("-m", f"experiment={','.join(sorted(ROBOT))}", *shrink, *ON_CPU, root=tmp_path, timeout=600,
+                      env={"FIBO_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert sorted(r.data.tags["choice.experiment"] for r in runs) == sorted(ROBOT)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["model/patch_size"] == "8" and run.data.params["model/crop_size"] == "76"
