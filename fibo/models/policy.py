@@ -6,7 +6,9 @@ encoder, chosen by ``encoder``:
 * ``transformer``: fibo's transformer blocks (:class:`fibo.models.vit.Block`, so Fibottention or dense
   attention from the ``attention`` config) over image tokens plus a CLS token; the tokens come from a
   small convolutional stem (``stem: conv``, the default: a hybrid encoder) or from a ViT patch
-  embedding (``stem: patch``). ``model=policy_fibo`` / ``model=policy_dense``.
+  embedding (``stem: patch``); the image feature is the CLS token (``readout: cls``), robomimic's
+  spatial-softmax keypoints of the output patch tokens (``keypoints``) or both (``cls_keypoints``).
+  ``model=policy_fibo`` / ``model=policy_dense``.
 * ``cnn``: the same kind of conv stem followed by robomimic's ``SpatialSoftmax`` keypoints (robomimic's
   standard visual encoder, with a small conv instead of a ResNet-18 for the CPU). ``model=policy_cnn``.
 * ``none``: no image input. ``model=policy_blind`` (proprioception only) and ``model=policy_oracle``
@@ -47,8 +49,11 @@ class TransformerImageEncoder(nn.Module):
 
     def __init__(self, image_size: int = 76, in_chans: int = 3, stem: str = "conv", patch_size: int = 8,
                  stem_channels: Sequence[int] = (32, 64), embed_dim: int = 128, depth: int = 3, num_heads: int = 4,
-                 mlp_ratio: float = 2.0, attention: AttentionSpec | Mapping[str, Any] | None = None) -> None:
+                 mlp_ratio: float = 2.0, attention: AttentionSpec | Mapping[str, Any] | None = None,
+                 readout: str = "cls", num_kp: int = 32) -> None:
         super().__init__()
+        if readout not in ("cls", "keypoints", "cls_keypoints"):
+            raise ValueError(f"model.readout={readout!r} must be 'cls', 'keypoints' or 'cls_keypoints'")
         from timm.layers import trunc_normal_
 
         from fibo.models.vit import Block
@@ -73,14 +78,25 @@ class TransformerImageEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, attention=self.spec, depth=i, mlp_ratio=mlp_ratio,
                                           qkv_bias=True) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
-        self.out_dim = embed_dim
+        self.readout = readout
+        self.out_dim = 0 if readout == "keypoints" else embed_dim
+        if readout != "cls":  # robomimic's SpatialSoftmax over the output patch tokens, as a 2-D map
+            from robomimic.models.base_nets import SpatialSoftmax
+
+            self.keypoints = SpatialSoftmax([embed_dim, *self.grid], num_kp=num_kp)
+            self.out_dim += 2 * num_kp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.stem(x).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
         for block in self.blocks:
             tokens = block(tokens)
-        return self.norm(tokens)[:, 0]
+        tokens = self.norm(tokens)
+        if self.readout == "cls":
+            return tokens[:, 0]
+        grid = tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, *self.grid)
+        points = self.keypoints(grid).flatten(1)
+        return points if self.readout == "keypoints" else torch.cat([tokens[:, 0], points], dim=1)
 
     def attention_density(self) -> dict[str, float]:
         per_layer = [blk.attn.density(self.num_patch_tokens) for blk in self.blocks]
