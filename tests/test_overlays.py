@@ -97,7 +97,7 @@ def test_robot_overlay_pins_the_papers_setting(name):
     model = cfg.model  # a ViT-B encoder on 8x8 patches of 76x76 crops of 84x84 images
     assert (model.encoder, model.stem, model.patch_size, model.embed_dim, model.depth, model.num_heads) == \
         ("transformer", "patch", 8, 768, 12, 12)
-    assert (cfg.data.img_size, model.crop_size) == (84, 76)
+    assert (cfg.data.img_size, model.crop_size, model.readout) == (84, 76, "cls")
     assert cfg.data.path.endswith(f"robomimic/{ROBOT[name]}/ph/image.hdf5")
     assert cfg.result_metric.fit == "rollout/success_rate" and cfg.experiment_name == name.replace("_", "-")
     header = (EXPERIMENTS / f"{name}.yaml").read_text()
