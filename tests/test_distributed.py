@@ -50,6 +50,22 @@ def test_ddp_cpu_logs_one_run_from_rank_zero_and_resumes(tmp_path, run_fibo):
     assert re.search(r"MLflow run " + run.info.run_id, second.stdout)
 
 
+@pytest.mark.slow
+def test_ddp_video_test_scores_every_video_once(tmp_path, run_fibo):
+    """Under DDP the views of the test videos are split across processes; per-video scores gather
+    them first, so test/videos counts the whole test split (96 moving-digit videos), not a share."""
+    from fibo.data.moving_digits import MovingDigitsSpec
+
+    result = run_fibo("task=video", "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_epochs=1",
+                      "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", root=tmp_path, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "MEMBER: 2/2" in out
+    _, runs = mlflow_runs(tmp_path, "fibo")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["test/videos"] == 4 * MovingDigitsSpec().per_class[2] == 96
+
+
 def test_strategy_configs_compose_and_instantiate():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate

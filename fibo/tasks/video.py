@@ -14,7 +14,8 @@ class VideoClassifier(ImageClassifier):
     Training and validation score single clips (``train/*``, ``val/*``: one centred view per video
     in validation unless the DataModule gives more). Testing averages the logits of all views
     (temporal clips x spatial crops) of each video, then scores videos: ``test/acc1``,
-    ``test/acc5`` are per video; ``test/clip_acc1`` per view. Same optimiser and schedule as
+    ``test/acc5`` are per video (under DDP the views of every process are gathered first);
+    ``test/clip_acc1`` per view. Same optimiser and schedule as
     :class:`~fibo.tasks.image.ImageClassifier`.
     """
 
@@ -32,12 +33,28 @@ class VideoClassifier(ImageClassifier):
             self._video_labels[vid] = label
 
     def on_test_epoch_end(self) -> None:
-        if not self._video_logits:
-            return
-        vids = sorted(self._video_logits)
-        scores = torch.stack([self._video_logits[v] for v in vids])
-        labels = torch.tensor([self._video_labels[v] for v in vids], device=scores.device)
         n = self.hparams.num_classes
-        self.log("test/acc1", multiclass_accuracy(scores, labels, n, average="micro", top_k=1))
-        self.log("test/acc5", multiclass_accuracy(scores, labels, n, average="micro", top_k=min(5, n)))
-        self.log("test/videos", float(len(vids)))
+        local = max(self._video_logits, default=-1) + 1
+        num_videos = int(self.all_gather(torch.tensor(local, device=self.device)).max()) if self._distributed else local
+        if num_videos == 0:
+            return
+        # dense (video, class) sums so that every process contributes tensors of one shape: under DDP the
+        # views of one video can land on different processes (DistributedSampler splits views)
+        scores = torch.zeros(num_videos, n, device=self.device)
+        labels = torch.full((num_videos,), -1, dtype=torch.long, device=self.device)
+        for vid, logit in self._video_logits.items():
+            scores[vid] += logit.to(self.device)
+            labels[vid] = self._video_labels[vid]
+        if self._distributed:
+            scores = self.all_gather(scores).sum(0)
+            labels = self.all_gather(labels).max(0).values
+        seen = labels >= 0
+        scores, labels = scores[seen], labels[seen]
+        # every process now holds the same numbers: sync_dist only averages equal values
+        self.log("test/acc1", multiclass_accuracy(scores, labels, n, average="micro", top_k=1), sync_dist=True)
+        self.log("test/acc5", multiclass_accuracy(scores, labels, n, average="micro", top_k=min(5, n)), sync_dist=True)
+        self.log("test/videos", float(len(labels)), sync_dist=True)
+
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
