@@ -239,6 +239,7 @@ def test_bad_videos_are_skipped_and_counted(bad_videos):
     assert reasons["audio_only.mp4"].startswith("no video stream (streams: audio)")
     assert "corrupt or truncated" in reasons["truncated.mp4"] and "corrupt or truncated" in reasons["garbage.mp4"]
     assert reasons["short.mp4"].startswith("has 5 frames but a clip needs 15")
+    assert "set data.pad_short_videos=true to repeat its last frame" in reasons["short.mp4"]
     assert reasons["missing.mp4"].startswith("file not found")
     assert dm.data_report()["data/skipped_videos"] == 18  # 6 bad files x 3 splits
     assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 8, 32, 32)
@@ -255,6 +256,24 @@ def test_bad_video_error_policy_names_the_file(bad_videos, name, message):
     dm = video_dm(train_list=str(lst), val_list=str(lst), on_bad_video="error")
     with pytest.raises(BadVideoError, match=rf"/bad/{name}: .*{message}.*data.on_bad_video=error"):
         dm.setup()
+
+
+@pytest.mark.parametrize("cache_frames", [True, False])
+def test_short_videos_padded_with_their_last_frame(tmp_path, cache_frames):
+    """data.pad_short_videos=true keeps a 5-frame video for 8-frame clips every 2nd frame (needs 15):
+    frame indices 0, 2, 4, 4, 4, ... as SlowFast/TimeSformer's clamped temporal sampling."""
+    ramp = np.stack([np.full((32, 32, 3), 40 * t, np.uint8) for t in range(5)])  # frame t has value 40 t
+    write_mp4(tmp_path / "short.mp4", ramp, fps=16)
+    lst = tmp_path / "list.txt"
+    lst.write_text("short.mp4 0\n")
+    dm = video_dm(train_list=str(lst), val_list=str(lst), pad_short_videos=True, cache_frames=cache_frames,
+                  test_clips=1, mean=(0, 0, 0), std=(1, 1, 1))
+    dm.setup()
+    assert dm.skipped_videos == [] and dm.data_report()["data/padded_videos"] == 3  # train, val, test
+    clip = dm.datasets["test"][0][0]  # (C, T, H, W), deterministic centre view
+    levels = (clip[0].mean(dim=(1, 2)) * 255).round()
+    expected = torch.tensor([0, 80, 160, 160, 160, 160, 160, 160], dtype=levels.dtype)
+    assert torch.allclose(levels, expected, atol=3), levels
 
 
 def test_bad_options():

@@ -49,6 +49,8 @@ class VideoClipDataset(Dataset):
         scale: area range of the training random resized crop.
         on_bad_video: ``skip`` (log, count, use the next video) or ``error`` (raise) when a video
             fails to decode here despite the probe.
+        pad_short_videos: a video shorter than a clip repeats its last frame (frame indices clamped,
+            as SlowFast/TimeSformer's ``temporal_sampling``) instead of being resampled.
         frames: optional decoded videos (uint8 ``(C, T, H, W)`` per sample) to slice clips from
             instead of decoding files each time.
     """
@@ -56,7 +58,8 @@ class VideoClipDataset(Dataset):
     def __init__(self, samples, num_frames: int, sampling_rate: int, crop_size: int, train: bool,
                  views: tuple[int, int] = (1, 1), mean: Sequence[float] = (0.45,) * 3,
                  std: Sequence[float] = (0.225,) * 3, hflip: float = 0.5, scale: Sequence[float] = (0.08, 1.0),
-                 on_bad_video: str = "skip", frames: list[torch.Tensor] | None = None) -> None:
+                 on_bad_video: str = "skip", frames: list[torch.Tensor] | None = None,
+                 pad_short_videos: bool = False) -> None:
         ensure_pytorchvideo_importable()
         self.samples = list(samples)
         self.frames = frames
@@ -65,6 +68,7 @@ class VideoClipDataset(Dataset):
         self.mean = torch.tensor(mean).view(-1, 1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1, 1)
         self.hflip, self.scale, self.on_bad_video = hflip, tuple(scale), on_bad_video
+        self.pad_short_videos = pad_short_videos
         self.runtime_failures: list[str] = []
 
     def __len__(self) -> int:
@@ -97,7 +101,11 @@ class VideoClipDataset(Dataset):
                 video.close()
             if frames is None or frames.shape[1] == 0:
                 raise BadVideoError(path, f"no frames decoded between {start:.2f}s and {end:.2f}s")
-            clip = PVF.uniform_temporal_subsample(frames, self.num_frames, temporal_dim=1) / 255.0
+            if self.pad_short_videos and frames.shape[1] < (self.num_frames - 1) * self.sampling_rate + 1:
+                index = (torch.arange(self.num_frames) * self.sampling_rate).clamp_(max=frames.shape[1] - 1)
+                clip = frames[:, index] / 255.0
+            else:
+                clip = PVF.uniform_temporal_subsample(frames, self.num_frames, temporal_dim=1) / 255.0
         if self.train:
             clip = PVF.random_resized_crop(clip, self.crop_size, self.crop_size, scale=self.scale,
                                            aspect_ratio=(3 / 4, 4 / 3))
@@ -146,6 +154,10 @@ class VideoDataModule(L.LightningDataModule):
         on_bad_video: ``skip``: unusable videos (missing, empty, corrupt, truncated, audio-only,
             shorter than a clip) are left out with a warning naming each, counted in
             ``skipped_videos`` (logged to MLflow); ``error``: the first one raises.
+        pad_short_videos: keep videos shorter than a clip (``(T - 1) * sampling_rate + 1`` frames) and
+            repeat their last frame (SlowFast/TimeSformer behaviour; counted as ``padded_videos``)
+            instead of treating them as unusable. Off by default: a too-short video usually means a
+            wrong ``num_frames``/``sampling_rate``; on in the paper's video overlays (8 x 32 frames).
 
     Raises:
         FileNotFoundError / ValueError: missing folders or list files, malformed lines, bad sizes,
@@ -158,7 +170,8 @@ class VideoDataModule(L.LightningDataModule):
                  sampling_rate: int = 2, test_clips: int = 2, test_crops: int = 1, batch_size: int = 16,
                  num_workers: int = 0, mean: Sequence[float] = (0.45, 0.45, 0.45),
                  std: Sequence[float] = (0.225, 0.225, 0.225), hflip: float = 0.5,
-                 scale: Sequence[float] = (0.08, 1.0), on_bad_video: str = "skip", cache_frames: bool = False) -> None:
+                 scale: Sequence[float] = (0.08, 1.0), on_bad_video: str = "skip", cache_frames: bool = False,
+                 pad_short_videos: bool = False) -> None:
         super().__init__()
         from fibo.models.vit import check_patch_grid
 
@@ -178,7 +191,8 @@ class VideoDataModule(L.LightningDataModule):
         self.views = (test_clips, test_crops)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.mean, self.std, self.hflip, self.scale = tuple(mean), tuple(std), hflip, tuple(scale)
-        self.on_bad_video, self.cache_frames = on_bad_video, cache_frames
+        self.on_bad_video, self.cache_frames, self.pad_short_videos = on_bad_video, cache_frames, pad_short_videos
+        self.padded_videos: list[str] = []
         self.skipped_videos: list[tuple[str, str]] = []
         self.datasets: dict[str, VideoClipDataset] = {}
 
@@ -213,7 +227,8 @@ class VideoDataModule(L.LightningDataModule):
         return {"train": train, "val": val, "test": test}
 
     def _probe(self, split: str, samples) -> tuple[list, list | None]:
-        min_frames = (self.num_frames - 1) * self.sampling_rate + 1
+        clip_frames = (self.num_frames - 1) * self.sampling_rate + 1
+        min_frames = 1 if self.pad_short_videos else clip_frames
         good, frames = [], [] if self.cache_frames else None
         for path, label in samples:
             if label >= self.num_classes:
@@ -226,6 +241,8 @@ class VideoDataModule(L.LightningDataModule):
                         raise BadVideoError(path, f"decodes to {decoded.shape[1]} frames but a clip needs {min_frames} (truncated?)")
                     info = VideoInfo(info.fps, decoded.shape[1], decoded.shape[1] / info.fps)
                     frames.append(decoded)
+                if info.num_frames < clip_frames:
+                    self.padded_videos.append(str(path))
                 good.append((path, label, info))
             except BadVideoError as err:
                 if self.on_bad_video == "error":
@@ -241,13 +258,17 @@ class VideoDataModule(L.LightningDataModule):
             return
         self.prepare_data()
         common = dict(num_frames=self.num_frames, sampling_rate=self.sampling_rate, crop_size=self.img_size,
-                      mean=self.mean, std=self.std, on_bad_video=self.on_bad_video)
+                      mean=self.mean, std=self.std, on_bad_video=self.on_bad_video,
+                      pad_short_videos=self.pad_short_videos)
         for split, samples in self._split_samples().items():
             probed, frames = self._probe(split, samples)
             self.datasets[split] = VideoClipDataset(probed, train=split == "train", views=self.views, hflip=self.hflip,
                                                     scale=self.scale, frames=frames, **common)
         if self.skipped_videos:
             log.warning("left out %d unusable video(s) (data.on_bad_video=skip)", len(self.skipped_videos))
+        if self.padded_videos:
+            log.info("%d video(s) shorter than a clip of %d frames repeat their last frame (data.pad_short_videos=true)",
+                     len(self.padded_videos), (self.num_frames - 1) * self.sampling_rate + 1)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
@@ -266,4 +287,5 @@ class VideoDataModule(L.LightningDataModule):
         """Counts for logging: videos per split and videos left out as unusable."""
         report = {f"data/{k}_videos": len(v.samples) for k, v in self.datasets.items()}
         report["data/skipped_videos"] = len(self.skipped_videos) + sum(len(d.runtime_failures) for d in self.datasets.values())
+        report["data/padded_videos"] = len(self.padded_videos)
         return report

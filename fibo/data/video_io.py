@@ -69,7 +69,7 @@ def probe_video(path: str | Path, min_frames: int = 1) -> VideoInfo:
     if count < min_frames:
         raise BadVideoError(
             path, f"has {count} frames but a clip needs {min_frames} ((data.num_frames - 1) x data.sampling_rate + 1); "
-            f"lower those or remove the video"
+            f"lower those, set data.pad_short_videos=true to repeat its last frame, or remove the video"
         )
     return VideoInfo(fps=fps, num_frames=count, duration=count / fps)
 
