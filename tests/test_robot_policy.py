@@ -98,3 +98,14 @@ def test_agent_stacks_frames_and_denormalises():
     policy.forward = original
     with pytest.raises(KeyError, match=r"does not provide observation\(s\) \['robot0_eef_quat'\]"):
         agent.act({"robot0_eef_pos": np.zeros(3), "robot0_gripper_qpos": np.zeros(2)})
+
+
+def test_readout_options(tmp_path):
+    sizes = {}
+    for readout in ("cls", "keypoints", "cls_keypoints"):
+        policy = instantiate(compose(tmp_path, "model=policy_fibo", f"model.readout={readout}").model)
+        sizes[readout] = policy.encoders["agentview_image"].out_dim
+        assert policy(batch_for(compose(tmp_path, "model=policy_fibo"))).shape == (4, 1, 7)
+    assert sizes == {"cls": 96, "keypoints": 64, "cls_keypoints": 160}  # width 96, 32 keypoints x (x, y)
+    with pytest.raises(ValueError, match="model.readout='mean' must be"):
+        create_policy("transformer", ["agentview_image"], LOW_DIM, 7, readout="mean")
