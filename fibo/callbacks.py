@@ -16,7 +16,9 @@ def _batch_size(batch) -> int:
 class EpochThroughput(L.Callback):
     """Logs ``train/throughput``: training samples per second over each training epoch, from the
     epoch's start to its last training batch (data loading, forward, backward and optimizer step
-    included; the validation run at the end of the epoch excluded), measured on rank zero."""
+    included; the validation run at the end of the epoch excluded). Measured on rank zero and
+    counted for all processes (x ``world_size``: DistributedSampler gives every process equal shares),
+    so DDP runs compare with single-device runs."""
 
     def __init__(self) -> None:
         self._start = self._last = 0.0
@@ -33,4 +35,5 @@ class EpochThroughput(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         elapsed = self._last - self._start
         if self._samples and elapsed > 0:
-            pl_module.log("train/throughput", self._samples / elapsed, on_epoch=True, rank_zero_only=True)
+            total = self._samples * trainer.world_size
+            pl_module.log("train/throughput", total / elapsed, on_epoch=True, rank_zero_only=True)
