@@ -29,12 +29,14 @@ test: setup
 
 # Browse the runs on http://127.0.0.1:$(UI_PORT): this checkout's default store, else UI_STORE=<store URI>
 # (or $$MLFLOW_TRACKING_URI when set). A tracking server (http://...) serves its own UI: open its URL.
+# MLflow's GenAI job runner (8 processes) stays off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true.
 UI_PORT ?= 5000
 UI_STORE ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 UI_ARGS ?= --workers 1
 ui: setup
 	@case "$(UI_STORE)" in http://*|https://*) echo "$(UI_STORE) is an MLflow tracking server: its UI is that URL"; exit 0;; esac; \
 	echo "MLflow UI on http://127.0.0.1:$(UI_PORT) for $(UI_STORE) (Ctrl-C stops it)"; \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 	exec $(VENV)/bin/mlflow ui --backend-store-uri "$(UI_STORE)" --host 127.0.0.1 --port $(UI_PORT) $(UI_ARGS)
 
 # Compare runs (one line per configuration, mean ± std over seeds, plot): make compare ARGS="-e fibo"
