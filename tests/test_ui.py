@@ -166,3 +166,14 @@ def test_compare_view_renders_in_headless_chromium(ui_server, tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
     shutil.copy2(shot, artifacts / shot.name)
     shutil.copy2(tmp_path / "compare.html", artifacts / "mlflow_compare_runs.html")
+
+
+def test_missing_chromium_fails_unless_skipped_on_purpose(monkeypatch):
+    monkeypatch.delenv("FIBO_CHROMIUM", raising=False)
+    monkeypatch.delenv("FIBO_SKIP_BROWSER", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match=r"^no chromium found for the MLflow UI test: install Debian's"):
+        _chromium()
+    monkeypatch.setenv("FIBO_SKIP_BROWSER", "1")
+    with pytest.raises(pytest.skip.Exception, match="FIBO_SKIP_BROWSER=1"):
+        _chromium()
