@@ -37,3 +37,28 @@ class EpochThroughput(L.Callback):
         if self._samples and elapsed > 0:
             total = self._samples * trainer.world_size
             pl_module.log("train/throughput", total / elapsed, on_epoch=True, rank_zero_only=True)
+
+
+class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` is always the latest epoch.
+
+    Lightning 2.6 rewrites ``save_last`` only at steps where a top-k checkpoint was saved, so with
+    ``monitor`` set ``last.ckpt`` is the last *improved* epoch and a resume from it repeats epochs.
+    Here ``last.ckpt`` is written at every checkpointing point (end of validation, or of the training
+    epoch) as ``save_last`` documents; top-k behaviour is Lightning's.
+    """
+
+    def _ensure_last(self, trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)

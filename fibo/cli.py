@@ -102,11 +102,14 @@ def train(cfg: DictConfig) -> float | None:
     # Multi-process training (DDP/FSDP): every process runs this function, only global rank zero owns
     # the MLflow run (Lightning's logger itself writes from rank zero only).
     rank_zero = is_global_zero_process()
-    if rank_zero:
-        if run_id is not None:
-            logger.experiment.update_run(run_id, status="RUNNING")
-        _log_config(logger, cfg, choices, output_dir)
+    if rank_zero and run_id is not None:
+        _check_resume_matches(logger, run_id, choices, cfg.ckpt_path)
+        logger.experiment.update_run(run_id, status="RUNNING")
+        if "error" in logger.experiment.get_run(run_id).data.tags:  # the stopped attempt's error no longer applies
+            logger.experiment.delete_tag(run_id, "error")
     try:
+        if rank_zero:  # inside try: a config that fails to resolve here still ends the run FAILED
+            _log_config(logger, cfg, choices, output_dir)
         L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
@@ -162,6 +165,20 @@ def _log_data_report(logger, datamodule) -> None:
             logger.experiment.log_text(logger.run_id, text, "data/skipped_videos.tsv")
     except Exception as err:  # noqa: BLE001 - reporting must never hide the run's own outcome
         log.warning("could not log the data report: %s", err)
+
+
+def _check_resume_matches(logger, run_id: str, choices: dict, ckpt_path: str) -> None:
+    """Refuse to resume ``run_id`` with other config-group choices (task, data, model, attention)
+    than the run was started with: that would load a mismatched checkpoint and rewrite the run."""
+    tags = logger.experiment.get_run(run_id).data.tags
+    groups = ("task", "data", "model", "attention")
+    differ = [g for g in groups if f"choice.{g}" in tags and tags[f"choice.{g}"] != str(choices.get(g))]
+    if differ:
+        was = " ".join(f"{g}={tags[f'choice.{g}']}" for g in groups if f"choice.{g}" in tags)
+        now = ", ".join(f"{g}={choices.get(g)} (was {tags[f'choice.{g}']})" for g in differ)
+        raise ValueError(f"ckpt_path={ckpt_path} belongs to MLflow run {run_id}, started with {was}; this command "
+                         f"has {now}. Resume with the run's overrides: fibo-run {was} <its other overrides> "
+                         f"ckpt_path={ckpt_path}")
 
 
 def _result_name(cfg: DictConfig) -> str:

@@ -54,6 +54,14 @@ def test_crash_marks_run_failed(tmp_path, run_fibo):
     assert runs[0].data.tags["error"].startswith("FileNotFoundError: image folder")
 
 
+def test_unresolvable_config_marks_run_failed(tmp_path, run_fibo):
+    result = run_fibo("task=video", "data=videofolder", root=tmp_path, timeout=300)  # no data.root / num_classes
+    assert result.returncode == 1
+    assert "Missing mandatory value: data.num_classes" in result.stderr
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED"]  # not left RUNNING
+
+
 def test_resume_continues_the_same_run(tmp_path, run_fibo):
     first = run_fibo("debug=short", root=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -61,6 +69,13 @@ def test_resume_continues_the_same_run(tmp_path, run_fibo):
     run_id = runs[0].info.run_id
     last = tmp_path / "logs" / "runs"
     ckpt = next(last.glob("*/checkpoints/last.ckpt"))
+    # another attention choice than the run's: refused before the finished run is touched
+    wrong = run_fibo("debug=short", "attention=dense", f"ckpt_path={ckpt}", root=tmp_path, timeout=300)
+    assert wrong.returncode == 1
+    assert (f"ckpt_path={ckpt} belongs to MLflow run {run_id}, started with task=image data=digits model=vit_nano "
+            f"attention=fibottention; this command has attention=dense (was fibottention)") in wrong.stderr
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert [(r.info.status, r.data.tags["choice.attention"]) for r in runs] == [("FINISHED", "fibottention")]
     second = run_fibo("debug=short", "trainer.max_epochs=3", f"ckpt_path={ckpt}", root=tmp_path, timeout=300)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
