@@ -100,6 +100,20 @@ def test_load_lightning_image_checkpoint_and_interpolate_embeddings(tmp_path):
     assert [s.split()[0] for s in other.load_image_weights(video8.state_dict())["skipped"]] == ["head.weight", "head.bias"]
 
 
+def test_pretrained_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"model.pretrained={tmp_path}/nope.ckpt does not exist"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, pretrained=str(tmp_path / "nope.ckpt"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=f"model.pretrained={tmp_path}/notes.txt is not a checkpoint torch.load can read"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, pretrained=str(tmp_path / "notes.txt"))
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"model.pretrained: none of the checkpoint's 1 keys \(e.g. \['foo'\]\) is a ViT"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, pretrained=str(tmp_path / "other.pt"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="model.pretrained: expected a state dict or a Lightning checkpoint, got Tensor"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, pretrained=str(tmp_path / "tensor.pt"))
+
+
 def test_joint_and_space_only_and_temporal_fibottention():
     clips = torch.randn(1, 3, 4, 16, 16)
     joint = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=3,
@@ -274,6 +288,15 @@ def test_short_videos_padded_with_their_last_frame(tmp_path, cache_frames):
     levels = (clip[0].mean(dim=(1, 2)) * 255).round()
     expected = torch.tensor([0, 80, 160, 160, 160, 160, 160, 160], dtype=levels.dtype)
     assert torch.allclose(levels, expected, atol=3), levels
+
+
+def test_split_with_no_usable_video_says_why(bad_videos):
+    lst, _ = bad_videos
+    only_short = [line for line in lst.read_text().splitlines() if line.split()[0].endswith("short.mp4")]
+    lst.write_text("\n".join(only_short) + "\n")
+    with pytest.raises(ValueError, match=r"no usable video in the train split \(1 listed, all skipped; e.g. has 5 frames "
+                                         r"but a clip needs 15"):
+        video_dm(train_list=str(lst), val_list=str(lst)).setup()
 
 
 def test_bad_options():

@@ -179,7 +179,7 @@ class TimeSformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
         self._init_weights()
         if pretrained:
-            self.load_image_weights(torch.load(pretrained, map_location="cpu", weights_only=False))
+            self.load_image_weights(_load_checkpoint(pretrained))
 
     def _init_weights(self) -> None:
         # Sin-cos position (2D, over the patch grid) and time (1D, over frames) embeddings, kept
@@ -258,8 +258,14 @@ class TimeSformer(nn.Module):
             ``{"missing": [...], "unexpected": [...], "resized": [...], "skipped": [...]}``.
         """
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+        if not isinstance(state, Mapping):
+            raise ValueError(f"model.pretrained: expected a state dict or a Lightning checkpoint, got {type(state).__name__}")
         state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
         own = self.state_dict()
+        if not any(k in own for k in state):
+            raise ValueError(f"model.pretrained: none of the checkpoint's {len(state)} keys (e.g. {sorted(state)[:3]}) is a "
+                             f"ViT/TimeSformer weight (e.g. patch_embed.proj.weight, blocks.0.attn.qkv.weight): "
+                             f"pass an image or video checkpoint written by fibo-run, or timm ViT weights")
         report: dict[str, list[str]] = {"resized": [], "skipped": []}
         if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
             side = int(round(self.num_patch_tokens ** 0.5))
@@ -300,3 +306,17 @@ def _convert_patch_kernel(kernel: torch.Tensor, target: torch.Tensor) -> torch.T
     if kernel.ndim == 5 and target.ndim == 4:
         return kernel.sum(dim=2)
     return kernel
+
+
+def _load_checkpoint(path: str) -> Any:
+    """``torch.load`` with errors that name ``model.pretrained`` and the file."""
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model.pretrained={path} does not exist: pass an image or video checkpoint "
+                                f"(e.g. <run dir>/checkpoints/last.ckpt of an image run) or timm ViT weights")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for non-checkpoints
+        raise ValueError(f"model.pretrained={path} is not a checkpoint torch.load can read ({type(err).__name__}: {err})") from None
