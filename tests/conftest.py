@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,10 @@ def sweep_2x2(tmp_path_factory) -> Path:
                       root=root, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, free_port
+
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 
@@ -144,19 +144,13 @@ def test_compose_mlflow_server_persists_runs_and_serves_artifacts(compose):
     assert named <= set(compose.get("volumes") or {}), "named volumes must be declared"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_compose_mlflow_command_serves_a_trainer_called_mlflow(tmp_path, compose):
     """Runs the compose file's `mlflow server` command here (paths moved under tmp_path): requests
     addressed to host `mlflow` are accepted, a run's artifact upload goes through the server into
     the artifact volume."""
     mlflow = compose["services"]["mlflow"]
-    port = _free_port()
+    port = free_port()
     args = [a.replace("/mlflow/", f"{tmp_path}/").replace("0.0.0.0", "127.0.0.1").replace("--port=5000", f"--port={port}")
             for a in mlflow["command"]]
     args = [a for a in args if not a.startswith("--workers")] + ["--workers=1"]

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 RUN_NAMES = {f"vit_nano-{att}-digits-s{seed}" for att in ("dense", "fibottention") for seed in (0, 1)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -67,7 +60,7 @@ def _get(url: str, data: dict | None = None, timeout: float = 30) -> dict:
 def ui_server(sweep_2x2, tmp_path_factory):
     """``make ui`` (the documented command) on the sweep's store, on a free port; always stopped."""
     logs = tmp_path_factory.mktemp("mlflow_ui")
-    port = _free_port()
+    port = free_port()
     venv = Path(sys.executable).parent.parent
     cmd = ["make", "-s", "-o", "setup", "ui", f"VENV={venv}", f"UI_STORE=sqlite:///{sweep_2x2 / 'mlflow.db'}",
            f"UI_PORT={port}"]

@@ -250,7 +250,8 @@ class VideoDataModule(L.LightningDataModule):
                 log.warning("skipping %s video %s", split, err)
                 self.skipped_videos.append((err.path, err.reason))
         if not good:
-            reasons = [reason for path, reason in self.skipped_videos if any(str(path) == str(q) for q, _ in samples)]
+            listed = {str(path) for path, _ in samples}
+            reasons = [reason for path, reason in self.skipped_videos if str(path) in listed]
             example = f"; e.g. {reasons[-1]}" if reasons else ""
             raise ValueError(f"no usable video in the {split} split ({len(samples)} listed, all skipped{example})")
         return good, frames
