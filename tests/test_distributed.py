@@ -117,6 +117,32 @@ def test_weight_decay_groups_match_timm_and_survive_fsdp(weight_decay):
     assert ids(task.param_groups()) == ids(timm_groups)
 
 
+
+def test_robot_task_weight_decay_groups_survive_fsdp():
+    """The robot task used timm's create_optimizer_v2(model): its shape rule, applied to FSDP's 1-d
+    flattened parameters, exempted every weight from decay. Now BaseTask's named-parameter groups."""
+    from fibo.models.policy import create_policy
+    from fibo.tasks.robot import BehaviorCloning
+
+    policy = create_policy("none", [], {"robot0_eef_pos": 3}, 7, frame_stack=1, seq_length=1)
+    task = BehaviorCloning(policy, weight_decay=0.01)
+    matrices = {id(p) for p in policy.parameters() if p.ndim >= 2}
+    assert matrices
+
+    def decayed(groups):
+        return {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+
+    assert decayed(task.param_groups()) == matrices
+    task.model = _Wrapped(policy)
+    for p in policy.parameters():
+        p.data = p.data.reshape(-1)
+    assert decayed(task.param_groups()) == matrices
+    trainer = type("T", (), {"estimated_stepping_batches": 10, "max_epochs": 2, "world_size": 1,
+                             "accumulate_grad_batches": 1})()
+    task._trainer = trainer
+    optimizer = task.configure_optimizers()["optimizer"]
+    assert {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]} == matrices
+
 def test_slurm_launcher_config_follows_the_trainer():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='pip install -e ".[cluster]"')
     from hydra import compose, initialize_config_dir

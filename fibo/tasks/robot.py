@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fibo.tasks.schedule import warmup_cosine
+from fibo.tasks.base import BaseTask
 
 log = logging.getLogger("fibo")
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
@@ -61,23 +61,26 @@ class Normalizer:
         return actions * std + mean
 
 
-class BehaviorCloning(L.LightningModule):
+class BehaviorCloning(BaseTask):
     """Regress the demonstrated (normalised) action chunk from the observation history.
 
     Args:
         model: a :class:`fibo.models.policy.BCPolicy`.
-        lr, weight_decay, warmup_epochs, min_lr: AdamW (timm) with linear warmup + cosine decay.
+        lr, weight_decay, warmup_epochs, min_lr, batch_size, lr_base_batch, optimizer, scheduler:
+            :class:`~fibo.tasks.base.BaseTask` (AdamW with linear warmup + cosine decay; no-decay
+            groups from the named parameters, so also under FSDP).
         loss: ``mse`` | ``l1`` | ``smooth_l1``.
-        batch_size: recorded for the logs (the data config's).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.01, warmup_epochs: float = 1,
-                 min_lr: float = 1e-5, loss: str = "mse", batch_size: int | None = None) -> None:
-        super().__init__()
+                 min_lr: float = 1e-5, loss: str = "mse", batch_size: int | None = None,
+                 lr_base_batch: int | None = None, optimizer: Callable | None = None,
+                 scheduler: Callable | None = None) -> None:
         if loss not in LOSSES:
             raise ValueError(f"task.loss={loss!r} must be one of {sorted(LOSSES)}")
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
+        super().__init__(model, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
+                         batch_size=batch_size, lr_base_batch=lr_base_batch, optimizer=optimizer, scheduler=scheduler)
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.loss_fn = LOSSES[loss]
         self.normalizer: Normalizer | None = None
 
@@ -115,17 +118,6 @@ class BehaviorCloning(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
-
-    def configure_optimizers(self):
-        from timm.optim import create_optimizer_v2
-
-        hp = self.hparams
-        optimizer = create_optimizer_v2(self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay)
-        total = self.trainer.estimated_stepping_batches
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = int(total * hp.warmup_epochs / epochs)
-        scheduler = warmup_cosine(optimizer, total, warmup, min_lr_ratio=hp.min_lr / max(hp.lr, 1e-12))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- acting -----------------------------------------------------------------------------------
     def agent(self) -> PolicyAgent:
