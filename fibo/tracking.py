@@ -1,14 +1,24 @@
 """MLflow tracking: where runs go, what is logged with them, and how they end.
 
+A run starts and ends in :func:`run_lifecycle` (a context manager that ``fibo.cli.train`` enters):
+resume check -> MLflow run RUNNING (new, or the checkpoint's run resumed) -> config, tags, git ->
+the body (build, fit, test) -> the data report -> FINISHED, FAILED (``error`` tag) or KILLED
+(Ctrl-C / SIGTERM: exit status 143 and a resume hint). A run that had FINISHED stays FINISHED when a
+later attempt on it fails (the attempt's error goes to the ``failed_attempt`` tag).
+
 Default store: ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts`` (MLflow 3
 refuses the plain file store). ``MLFLOW_TRACKING_URI`` (e.g. a server) overrides it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +26,8 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
 RUN_ID_KEY = "fibo_mlflow_run_id"
+RESUME_GROUPS = ("task", "data", "model", "attention")
+log = logging.getLogger("fibo")
 
 
 def resolve_tracking_uri(tracking_uri: str | None, default_store: str) -> str:
@@ -106,3 +118,182 @@ def end_run(logger: MLFlowLogger, status: str, error: BaseException | None = Non
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
     client.set_terminated(run_id, status)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a/b/c": str(value)}`` (the keys MLflow params get; lists stay one value)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}/"))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def resume_run_id(ckpt_path: str | None) -> str | None:
+    """The MLflow run a ``ckpt_path`` continues (None without one, or for a foreign checkpoint).
+
+    Raises:
+        FileNotFoundError: ``ckpt_path`` is not a file.
+        ValueError: ``torch.load`` cannot read it.
+    """
+    if ckpt_path is None:
+        return None
+    ckpt = Path(ckpt_path).expanduser()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist: pass the path of a .ckpt file "
+                                f"(runs keep theirs in <run dir>/checkpoints/last.ckpt)")
+    try:
+        return run_id_in_checkpoint(ckpt)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for non-checkpoints
+        raise ValueError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint that torch.load can read "
+                         f"({type(err).__name__}: {err}); pass a .ckpt written by fibo-run") from None
+
+
+def check_resume_matches(tags: Mapping[str, str], run_id: str, choices: Mapping[str, Any], ckpt_path: str) -> None:
+    """Refuse to resume ``run_id`` (whose MLflow ``tags`` are given) with other config-group choices
+    (task, data, model, attention) than it was started with: that would load a mismatched checkpoint
+    and rewrite the run.
+
+    Raises:
+        ValueError: naming the differing groups and the overrides to resume with.
+    """
+    differ = [g for g in RESUME_GROUPS if f"choice.{g}" in tags and tags[f"choice.{g}"] != str(choices.get(g))]
+    if differ:
+        was = " ".join(f"{g}={tags[f'choice.{g}']}" for g in RESUME_GROUPS if f"choice.{g}" in tags)
+        now = ", ".join(f"{g}={choices.get(g)} (was {tags[f'choice.{g}']})" for g in differ)
+        raise ValueError(f"ckpt_path={ckpt_path} belongs to MLflow run {run_id}, started with {was}; this command "
+                         f"has {now}. Resume with the run's overrides: fibo-run {was} <its other overrides> "
+                         f"ckpt_path={ckpt_path}")
+
+
+def log_config(logger: MLFlowLogger, cfg, choices: Mapping[str, Any], output_dir: Path) -> None:
+    """The resolved config as params and ``config/config.yaml`` (+ Hydra's ``overrides.yaml``), the
+    ``choice.*``, ``output_dir``, ``seed`` tags and the git commit. A resumed run keeps its params
+    (MLflow params are immutable): changed values go to the ``resumed_with_changes`` tag."""
+    from omegaconf import OmegaConf
+
+    client, run_id = logger.experiment, logger.run_id
+    flat = flatten_params(OmegaConf.to_container(cfg, resolve=True))
+    existing = client.get_run(run_id).data.params
+    if existing:
+        changed = {k: (existing[k], v) for k, v in flat.items() if k in existing and existing[k][:250] != v[:250]}
+        if changed:
+            client.set_tag(run_id, "resumed_with_changes",
+                           "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())[:5000])
+        flat = {k: v for k, v in flat.items() if k not in existing}
+    if flat:
+        logger.log_hyperparams(flat)
+    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    overrides = Path(output_dir) / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        client.log_artifact(run_id, str(overrides), "config")
+    commit, dirty = git_commit(Path(__file__).resolve().parent)  # the code that ran
+    tags = {f"choice.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra")}
+    tags.update({"output_dir": str(output_dir), "seed": str(cfg.seed)})
+    if commit:
+        tags.update({"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()})
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def log_data_report(logger: MLFlowLogger, datamodule) -> None:
+    """What ``datamodule.report()`` (a :class:`fibo.data.report.DataReport`) returns: its metrics as
+    MLflow metrics, its texts as artifacts. Never raises: reporting must not hide the run's outcome."""
+    if datamodule is None:
+        return
+    try:
+        if hasattr(datamodule, "report"):
+            report = datamodule.report()
+            metrics, texts = dict(report.metrics), dict(report.texts)
+        elif hasattr(datamodule, "data_report"):  # until every DataModule has report()
+            metrics = dict(datamodule.data_report())
+            skipped = getattr(datamodule, "skipped_videos", None)
+            texts = {"data/skipped_videos.tsv": "".join(f"{p}\t{r}\n" for p, r in skipped)} if skipped else {}
+        else:
+            return
+        if metrics:
+            logger.log_metrics({k: float(v) for k, v in metrics.items()})
+        for path, text in texts.items():
+            logger.experiment.log_text(logger.run_id, text, path)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not log the data report: %s", err)
+
+
+@dataclass
+class Run:
+    """The run :func:`run_lifecycle` yields: its ``logger`` (Lightning's MLFlowLogger, to hand to the
+    Trainer), ``run_id``, ``tracking_uri``, whether this process owns it (``rank_zero``), and the
+    ``datamodule`` whose report is logged when the run ends (set it once built)."""
+
+    logger: MLFlowLogger
+    tracking_uri: str
+    rank_zero: bool = True
+    datamodule: Any = None
+    resumed_status: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.logger.run_id
+
+
+@contextmanager
+def run_lifecycle(cfg, choices: Mapping[str, Any], output_dir: str | Path) -> Iterator[Run]:
+    """One MLflow run around the body of a ``with`` block.
+
+    Before anything is touched: ``cfg.ckpt_path`` is checked (:func:`resume_run_id`) and a resumed
+    run's task/data/model/attention choices compared (:func:`check_resume_matches`). Then the run is
+    RUNNING (a resumed run drops the stopped attempt's ``error`` tag), the config logged
+    (:func:`log_config`). On leaving: the data report (:func:`log_data_report`), then FINISHED;
+    FAILED with the ``error`` tag for an exception; KILLED for Ctrl-C / SIGTERM (``SystemExit``
+    without a code becomes ``SystemExit(143)``) with a resume hint on stderr. A run that was
+    FINISHED before this attempt stays FINISHED (the attempt's error: tag ``failed_attempt``).
+    Under DDP/FSDP only global rank zero changes the run (:func:`is_global_zero_process`).
+    """
+    from hydra.utils import instantiate
+
+    run_id = resume_run_id(cfg.ckpt_path)
+    logger = instantiate(cfg.logger, run_id=run_id)
+    log_cfg = cfg.logger
+    uri = resolve_tracking_uri(log_cfg.get("tracking_uri"), log_cfg.get("default_store", "mlflow.db"))
+    run = Run(logger=logger, tracking_uri=uri, rank_zero=is_global_zero_process())
+    client = logger.experiment if run.rank_zero else None
+    if run.rank_zero and run_id is not None:
+        previous = client.get_run(run_id)
+        check_resume_matches(previous.data.tags, run_id, choices, cfg.ckpt_path)
+        run.resumed_status = previous.info.status
+        client.update_run(run_id, status="RUNNING")
+        if "error" in previous.data.tags:  # the stopped attempt's error no longer applies
+            client.delete_tag(run_id, "error")
+    try:
+        if run.rank_zero:  # inside try: a config that fails to resolve here still ends the run FAILED
+            log_config(logger, cfg, choices, Path(output_dir))
+        yield run
+    except (KeyboardInterrupt, SystemExit) as err:
+        if run.rank_zero:
+            _end(run, "KILLED", err)
+            last = Path(output_dir) / "checkpoints" / "last.ckpt"
+            print(f"\nfibo: run {run.run_id} was stopped ({type(err).__name__}) and is marked KILLED in MLflow"
+                  + (f"; resume it with: fibo-run <same overrides> ckpt_path={last}" if last.is_file() else ""),
+                  file=sys.stderr, flush=True)
+        if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERMException has no code
+            raise SystemExit(143) from err
+        raise
+    except BaseException as err:
+        if run.rank_zero:
+            _end(run, "FAILED", err)
+        raise
+    if run.rank_zero:
+        _end(run, "FINISHED")
+
+
+def _end(run: Run, status: str, error: BaseException | None = None) -> None:
+    log_data_report(run.logger, run.datamodule)
+    if error is not None and run.resumed_status == "FINISHED":  # never un-finish a finished run
+        run.logger.experiment.set_tag(run.run_id, "failed_attempt", f"{type(error).__name__}: {error}"[:5000])
+        run.logger.experiment.set_terminated(run.run_id, "FINISHED")
+        return
+    end_run(run.logger, status, error)
