@@ -256,6 +256,19 @@ def run_lifecycle(cfg, choices: Mapping[str, Any], output_dir: str | Path) -> It
     from hydra.utils import instantiate
 
     run_id = resume_run_id(cfg.ckpt_path)
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # mlflow.set_tracking_uri (Lightning calls it) sets it
+    try:
+        with _run(cfg, choices, output_dir, run_id, instantiate) as run:
+            yield run
+    finally:  # leave the process as found: a later run in this process resolves its own store
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+
+
+@contextmanager
+def _run(cfg, choices, output_dir, run_id, instantiate) -> Iterator[Run]:
     logger = instantiate(cfg.logger, run_id=run_id)
     log_cfg = cfg.logger
     uri = resolve_tracking_uri(log_cfg.get("tracking_uri"), log_cfg.get("default_store", "mlflow.db"))

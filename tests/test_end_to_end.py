@@ -155,3 +155,82 @@ def test_sigterm_marks_run_killed_and_keeps_checkpoints(tmp_path):
     _, runs = mlflow_runs(tmp_path)
     assert [r.info.status for r in runs] == ["KILLED"]
     assert list(tmp_path.glob("logs/runs/*/checkpoints/last.ckpt"))
+
+
+# ---------------------------------------------------------------- the lifecycle, in-process
+
+
+def _lifecycle_cfg(tmp_path, *overrides):
+    from omegaconf import open_dict
+    from test_config import compose_cfg
+
+    cfg = compose_cfg(tmp_path, ["debug=fast_dev_run", *overrides])
+    with open_dict(cfg):  # as @hydra.main hands it to train(): without the hydra node
+        del cfg["hydra"]
+    return cfg
+
+
+def test_failed_resume_attempt_leaves_a_finished_run_finished(tmp_path):
+    """A later attempt on a FINISHED run that fails must not turn it FAILED (before: it did)."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    from fibo.tracking import RUN_ID_KEY, run_lifecycle
+
+    cfg = _lifecycle_cfg(tmp_path)
+    choices = dict(HydraConfig.get().runtime.choices)
+    with run_lifecycle(cfg, choices, tmp_path / "out") as run:
+        run_id = run.run_id
+    client, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["choice.task"] == "image"
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({RUN_ID_KEY: run_id}, ckpt)
+    cfg = _lifecycle_cfg(tmp_path, f"ckpt_path={ckpt}")
+    with pytest.raises(RuntimeError, match="boom"), run_lifecycle(cfg, choices, tmp_path / "out") as run:
+        assert run.run_id == run_id and client.get_run(run_id).info.status == "RUNNING"
+        raise RuntimeError("boom")
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and "error" not in after.data.tags
+    assert after.data.tags["failed_attempt"] == "RuntimeError: boom"
+
+
+def test_lifecycle_failed_killed_and_data_report(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    from fibo.data.report import DataReport
+    from fibo.tracking import run_lifecycle
+
+    class Reporting:
+        def report(self):
+            return DataReport(metrics={"data/things": 3}, texts={"data/left_out.tsv": "a\tmissing\n"})
+
+    cfg = _lifecycle_cfg(tmp_path)
+    choices = dict(HydraConfig.get().runtime.choices)
+    with pytest.raises(ValueError), run_lifecycle(cfg, choices, tmp_path / "out") as run:
+        run.datamodule = Reporting()
+        raise ValueError("bad")
+    failed = run.run_id
+    assert run.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}", run.tracking_uri
+    with pytest.raises(SystemExit) as stopped, run_lifecycle(cfg, choices, tmp_path / "out") as run:
+        raise SystemExit()  # Lightning's SIGTERMException: no code
+    assert stopped.value.code == 143
+    client, _ = mlflow_runs(tmp_path, "fibo-debug")
+    record = client.get_run(failed)
+    assert record.info.status == "FAILED" and record.data.tags["error"] == "ValueError: bad"
+    assert record.data.metrics["data/things"] == 3
+    assert [a.path for a in client.list_artifacts(failed, "data")] == ["data/left_out.tsv"]
+    assert client.get_run(run.run_id).info.status == "KILLED"
+
+
+def test_fit_result_is_looked_up_under_the_fit_name():
+    """The fit-time headline is ``result_metric.fit`` (before: the test name was looked up when
+    test=true); a callback's ``results`` (the rollouts) is read without touching callback_metrics."""
+    from types import SimpleNamespace
+
+    from fibo.cli import fit_result
+
+    rollouts = SimpleNamespace(results=[{"rollout/success_rate": 0.2}, {"rollout/success_rate": 0.6}])
+    trainer = SimpleNamespace(callbacks=[object(), rollouts], callback_metrics={"val/acc1": 0.5})
+    assert fit_result(trainer, "rollout/success_rate") == 0.6
+    assert fit_result(trainer, "val/acc1") == 0.5
+    assert fit_result(trainer, "test/acc1") is None
