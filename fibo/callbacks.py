@@ -46,6 +46,11 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     ``monitor`` set ``last.ckpt`` is the last *improved* epoch and a resume from it repeats epochs.
     Here ``last.ckpt`` is written at every checkpointing point (end of validation, or of the training
     epoch) as ``save_last`` documents; top-k behaviour is Lightning's.
+
+    No public Lightning API exists for this: it uses ModelCheckpoint's private
+    ``_should_skip_saving_checkpoint``, ``_last_global_step_saved``, ``_save_last_checkpoint``,
+    ``_monitor_candidates`` and ``_should_save_on_train_epoch_end`` (Lightning 2.6);
+    ``tests/test_callbacks.py`` fails if an upgrade changes them.
     """
 
     def _ensure_last(self, trainer) -> None:
