@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
