@@ -118,3 +118,15 @@ def test_imagefolder_errors(tmp_path):
         ImageFolderDataModule(root=str(tmp_path), **{**COMMON, "num_classes": 5}).setup()
     with pytest.raises(ValueError, match="needs data.root"):
         ImageFolderDataModule(root=None, **COMMON)
+
+
+def test_image_datamodule_report():
+    from fibo.data.images import DigitsDataModule
+    from fibo.data.report import DataReport
+
+    dm = DigitsDataModule(img_size=16, patch_size=2)
+    assert dm.report() == DataReport()  # before setup: nothing to report
+    dm.setup()
+    metrics = dm.report().metrics
+    assert set(metrics) == {"data/train_images", "data/val_images", "data/test_images"}
+    assert sum(metrics.values()) == 1797  # sklearn digits

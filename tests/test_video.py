@@ -257,6 +257,10 @@ def test_bad_videos_are_skipped_and_counted(bad_videos):
     assert reasons["missing.mp4"].startswith("file not found")
     assert dm.data_report()["data/skipped_videos"] == 18  # 6 bad files x 3 splits
     assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 8, 32, 32)
+    report = dm.report()  # the one method fibo.tracking logs (fibo.data.report.DataReport)
+    assert report.metrics["data/skipped_videos"] == 18 and report.metrics["data/train_videos"] == 8
+    rows = report.texts["data/skipped_videos.tsv"].splitlines()
+    assert len(rows) == 18 and {row.split("\t")[0] for row in rows} == bad
 
 
 @pytest.mark.parametrize("name,message", [

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fibo.data.report import DataReport
 from fibo.data.transforms import build_transform
 
 
@@ -157,6 +158,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": len(self.train_set), "val": len(self.val_set), "test": len(self.test_set)}
+
+    def report(self) -> DataReport:
+        """Images per split (empty before setup)."""
+        if self.train_set is None:
+            return DataReport()
+        return DataReport(metrics={f"data/{k}_images": float(n) for k, n in self.split_sizes().items()})
 
 
 class DigitsDataModule(ImageDataModule):

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fibo.data.report import DataReport
+
 log = logging.getLogger("fibo")
 
 
@@ -291,7 +293,12 @@ class RobomimicDataModule(L.LightningDataModule):
             self.setup("fit")
         return self.info["env_args"]
 
+    def report(self) -> DataReport:
+        """Demo and sample counts of the training split (empty before setup)."""
+        return DataReport(metrics=self.data_report())
+
     def data_report(self) -> dict[str, float]:
+        """Deprecated alias of :meth:`report` (metrics only), until fibo.tracking uses report()."""
         if self.info is None:
             return {}
         lengths = self.info["lengths"]

@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fibo.data.report import DataReport
+
 from fibo.data._pytorchvideo import ensure_pytorchvideo_importable
 from fibo.data.video_io import (
     BadVideoError,
@@ -286,9 +288,18 @@ class VideoDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
 
-    def data_report(self) -> dict[str, Any]:
-        """Counts for logging: videos per split and videos left out as unusable."""
-        report = {f"data/{k}_videos": len(v.samples) for k, v in self.datasets.items()}
-        report["data/skipped_videos"] = len(self.skipped_videos) + sum(len(d.runtime_failures) for d in self.datasets.values())
-        report["data/padded_videos"] = len(self.padded_videos)
-        return report
+    def report(self) -> DataReport:
+        """Counts (videos per split, videos left out as unusable, padded videos) and the list of
+        left-out videos as ``data/skipped_videos.tsv`` (path, reason)."""
+        metrics: dict[str, float] = {f"data/{k}_videos": len(v.samples) for k, v in self.datasets.items()}
+        skipped = list(self.skipped_videos)
+        for d in self.datasets.values():
+            skipped += [(path, "failed to decode a clip") for path in d.runtime_failures]
+        metrics["data/skipped_videos"] = len(skipped)
+        metrics["data/padded_videos"] = len(self.padded_videos)
+        texts = {"data/skipped_videos.tsv": "".join(f"{p}\t{r}\n" for p, r in skipped)} if skipped else {}
+        return DataReport(metrics=metrics, texts=texts)
+
+    def data_report(self) -> dict[str, float]:
+        """Deprecated alias of :meth:`report` (metrics only), until fibo.tracking uses report()."""
+        return self.report().metrics
