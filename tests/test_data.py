@@ -130,3 +130,18 @@ def test_image_datamodule_report():
     metrics = dm.report().metrics
     assert set(metrics) == {"data/train_images", "data/val_images", "data/test_images"}
     assert sum(metrics.values()) == 1797  # sklearn digits
+
+
+def test_overfit_trains_without_the_augmentation_recipe():
+    """debug=overfit sets trainer.overfit_batches only (no data.* keys); image data drop their recipe."""
+    from types import SimpleNamespace
+
+    from fibo.data.images import DigitsDataModule
+
+    recipe = {"auto_augment": "rand-m9-mstd0.5-inc1"}
+    normal, overfit, plain = (DigitsDataModule(img_size=16, patch_size=2, augment=a) for a in (recipe, recipe, None))
+    overfit._trainer = SimpleNamespace(overfit_batches=1)
+    for dm in (normal, overfit, plain):
+        dm.setup()
+    assert "RandAugment" in repr(normal.train_set.transform)
+    assert repr(overfit.train_set.transform) == repr(plain.train_set.transform)

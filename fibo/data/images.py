@@ -137,7 +137,11 @@ class ImageDataModule(L.LightningDataModule):
             return
         train, val, test = self._make_splits()
         self._check_num_classes(self._class_count())
-        train_tf = build_transform(self.img_size, True, self.mean, self.std, self.augment)
+        # debug=overfit (trainer.overfit_batches) trains without the augmentation recipe, as
+        # data.augment=null did; read from the trainer so the debug overlay never writes data.*
+        trainer = getattr(self, "_trainer", None)
+        overfit = trainer is not None and bool(getattr(trainer, "overfit_batches", 0))
+        train_tf = build_transform(self.img_size, True, self.mean, self.std, {} if overfit else self.augment)
         eval_tf = build_transform(self.img_size, False, self.mean, self.std)
         self.train_set = TransformedDataset(train, train_tf)
         self.val_set = TransformedDataset(val, eval_tf)
