@@ -2,7 +2,7 @@
 
 Batches are ``(clips, labels, video_index)``: ``clips`` float ``(B, C, T, H, W)`` normalised per
 channel, ``labels`` int64 ``(B,)``, ``video_index`` int64 ``(B,)`` (which video of the split a clip
-comes from, used to average the test views of one video).
+comes from, used to combine the test views of one video).
 
 Sampling follows SlowFast/TimeSformer: a clip is ``num_frames`` frames taken every
 ``sampling_rate`` frames. Training: one random clip per video, random resized crop, optional
@@ -150,7 +150,7 @@ class VideoDataModule(L.LightningDataModule):
     Args:
         num_frames (T), sampling_rate: clip = T frames every ``sampling_rate`` frames.
         img_size: crop side in pixels (what the model sees); ``patch_size`` is checked against it.
-        test_clips, test_crops: test views per video (logits averaged per video).
+        test_clips, test_crops: test views per video (their softmax outputs summed per video).
         cache_frames: decode every video once at setup and keep its frames in memory (for small
             datasets such as the embedded one; a full decode also catches damage anywhere in a file).
         on_bad_video: ``skip``: unusable videos (missing, empty, corrupt, truncated, audio-only,
