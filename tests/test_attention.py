@@ -136,3 +136,33 @@ def test_math_reference_backend_matches_sdpa():
     mask = AttentionSpec.parse({"name": "fibottention", "modified": True}).mask(20, 3, 4)
     ref = math_neg_inf(q, k, v, mask)
     torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask), ref)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("fibottention", {}), ("fibottention", {"modified": True}), ("longformer", {"window": 3}),
+    ("dilated", {}), ("sparse_transformer", {}), ("bigbird", {}), ("random", {}),
+])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_density_without_a_mask_equals_the_mask_count(monkeypatch, name, options, prefix):
+    """Offset patterns count their index table built from the offsets (forced here at small N), never an
+    (H, L, L) mask; the numbers equal the mask's own count, CLS or not, in every layer."""
+    from fibo.attention.patterns import mask_density
+
+    for n, heads, depth in [(10, 1, 0), (49, 4, 1), (196, 6, 3)]:
+        monkeypatch.setattr(Attention, "TABLE_FROM_MASK_MAX", 0)
+        layer = Attention(heads * 4, num_heads=heads, attention={"name": name, **options}, layer_index=depth,
+                          num_prefix_tokens=prefix)
+        got = layer.density(n)
+        if name not in ("bigbird", "random"):
+            assert layer._masks == {}, "density built a dense mask"
+        want = mask_density(layer.spec.mask(n, heads, depth, cls_token=bool(prefix)), cls_token=bool(prefix))
+        assert got["density"] == pytest.approx(want["density"], abs=1e-6)
+        assert got["density_patch"] == pytest.approx(want["density_patch"], abs=1e-6)
+
+
+def test_density_at_high_resolution_keeps_no_mask():
+    """ViT-S at 1792 px (N=12544): before, asking the density cached a 1.9 GB mask per layer."""
+    layer = Attention(384, num_heads=6, attention={"name": "fibottention"}, layer_index=2)
+    d = layer.density(12544)
+    assert layer._masks == {}
+    assert 0.0 < d["density_patch"] < d["density"] < 0.01
