@@ -205,15 +205,10 @@ def log_data_report(logger: MLFlowLogger, datamodule) -> None:
     if datamodule is None:
         return
     try:
-        if hasattr(datamodule, "report"):
-            report = datamodule.report()
-            metrics, texts = dict(report.metrics), dict(report.texts)
-        elif hasattr(datamodule, "data_report"):  # until every DataModule has report()
-            metrics = dict(datamodule.data_report())
-            skipped = getattr(datamodule, "skipped_videos", None)
-            texts = {"data/skipped_videos.tsv": "".join(f"{p}\t{r}\n" for p, r in skipped)} if skipped else {}
-        else:
+        if not hasattr(datamodule, "report"):
             return
+        report = datamodule.report()
+        metrics, texts = dict(report.metrics), dict(report.texts)
         if metrics:
             logger.log_metrics({k: float(v) for k, v in metrics.items()})
         for path, text in texts.items():

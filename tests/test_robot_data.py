@@ -76,7 +76,7 @@ def test_datamodule_batches_stats_and_splits(tmp_path):
     dm = RobomimicDataModule(str(path), rgb_keys=["agentview_image"], low_dim_keys=LOW_DIM, action_dim=7, batch_size=4)
     dm.setup("fit")
     assert (dm.train_demos, dm.valid_demos) == (["demo_0", "demo_2"], ["demo_1"])
-    assert dm.data_report() == {"data/train_demos": 2, "data/valid_demos": 1, "data/train_samples": 7,
+    assert dm.report().metrics == {"data/train_demos": 2, "data/valid_demos": 1, "data/train_samples": 7,
                                 "data/mean_demo_length": 3.5}
     actions = np.array([0, 1, 2, 20, 21, 22, 23], dtype=np.float64)  # train demos only
     stats = dm.normalization_stats()

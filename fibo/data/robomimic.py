@@ -295,16 +295,12 @@ class RobomimicDataModule(L.LightningDataModule):
 
     def report(self) -> DataReport:
         """Demo and sample counts of the training split (empty before setup)."""
-        return DataReport(metrics=self.data_report())
-
-    def data_report(self) -> dict[str, float]:
-        """Deprecated alias of :meth:`report` (metrics only), until fibo.tracking uses report()."""
         if self.info is None:
-            return {}
+            return DataReport(metrics={})
         lengths = self.info["lengths"]
-        return {"data/train_demos": len(self.train_demos), "data/valid_demos": len(self.valid_demos),
+        return DataReport(metrics={"data/train_demos": len(self.train_demos), "data/valid_demos": len(self.valid_demos),
                 "data/train_samples": sum(lengths[d] for d in self.train_demos),
-                "data/mean_demo_length": float(np.mean([lengths[d] for d in self.train_demos]))}
+                "data/mean_demo_length": float(np.mean([lengths[d] for d in self.train_demos]))})
 
     # -- loaders ------------------------------------------------------------------------------------
     def _loader(self, dataset, shuffle: bool) -> DataLoader:

@@ -299,7 +299,3 @@ class VideoDataModule(L.LightningDataModule):
         metrics["data/padded_videos"] = len(self.padded_videos)
         texts = {"data/skipped_videos.tsv": "".join(f"{p}\t{r}\n" for p, r in skipped)} if skipped else {}
         return DataReport(metrics=metrics, texts=texts)
-
-    def data_report(self) -> dict[str, float]:
-        """Deprecated alias of :meth:`report` (metrics only), until fibo.tracking uses report()."""
-        return self.report().metrics
