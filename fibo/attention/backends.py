@@ -43,9 +43,6 @@ def math_neg_inf(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return attn @ v
 
 
-BACKENDS = {"sdpa": sdpa, "zero_score": zero_score, "math": math_neg_inf}
-
-
 # ---------------------------------------------------------------------------------------------
 # Backend choice (``attention.backend``). Same math on every backend; only the cost differs.
 

@@ -24,16 +24,7 @@ import torch
 from fibo.attention.baselines import TOEPLITZ_OFFSETS
 from fibo.attention.sparse import _freeze
 
-__all__ = ["flex_block_mask", "flex_attention", "flex_available"]
-
-
-def flex_available() -> bool:
-    """True when ``torch.nn.attention.flex_attention`` imports (PyTorch >= 2.5)."""
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["flex_block_mask", "flex_attention"]
 
 
 def _toeplitz_mask_mod(head_offsets: list[list[int]], n: int, cls_token: bool, device: torch.device):

@@ -18,7 +18,6 @@ are then refused with a message (:mod:`fibo.envs.evaluation`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -313,11 +312,3 @@ class RobomimicDataModule(L.LightningDataModule):
     def val_dataloader(self):
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
 
-
-def env_args_of(path: str | os.PathLike) -> dict | None:
-    """``data.attrs["env_args"]`` of a robomimic file as a dict (None if absent)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        raw = f["data"].attrs.get("env_args")
-    return json.loads(raw) if raw else None

@@ -21,11 +21,6 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 }
 
 
-def register(name: str, cls: type[nn.Module], **arch: Any) -> None:
-    """Add a model name (used by the video and robot tasks)."""
-    ARCHITECTURES[name] = (cls, arch)
-
-
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build model ``name``; ``kwargs`` override its architecture defaults.
 
