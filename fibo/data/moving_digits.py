@@ -76,8 +76,19 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 10) -> None:
             container.mux(packet)
 
 
+def _generated_paths(root: Path) -> list[Path]:
+    """The files and folders :func:`generate` writes under ``root`` (split/class folders, lists, stamp)."""
+    splits = ("train", "val", "test")
+    return ([root / split / name for split in splits for name in CLASSES]
+            + [root / f"{split}.txt" for split in splits] + [root / "classes.txt", root / "dataset.json"])
+
+
 def generate(root: str | Path, spec: MovingDigitsSpec = MovingDigitsSpec(), force: bool = False) -> Path:
     """Write the dataset under ``root`` unless a complete one with the same ``spec`` is there.
+
+    A dataset with another spec (or a partial one) is replaced: only the paths a generation writes
+    (``<split>/<class>/``, ``<split>.txt``, ``classes.txt``, ``dataset.json``) are removed first;
+    anything else under ``root`` stays.
 
     Returns ``root``. Takes ~10-20 s for the default 672 videos on 2 CPU cores.
     """
@@ -90,8 +101,11 @@ def generate(root: str | Path, spec: MovingDigitsSpec = MovingDigitsSpec(), forc
     wanted["per_class"] = list(spec.per_class)
     if not force and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return root
-    if root.exists():
-        shutil.rmtree(root)
+    for path in _generated_paths(root):  # only what a generation writes: never the user's own files there
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     digits = load_digits()
     rng = np.random.default_rng(spec.seed)
     # digits for each split come from disjoint halves of the digit set (appearance never leaks)
