@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +228,6 @@ class Run:
     rank_zero: bool = True
     datamodule: Any = None
     resumed_status: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
