@@ -10,7 +10,15 @@ It writes the table (``comparison.csv``, ``comparison.md``) and a plot of the me
 attention density (``comparison.png``: one point per group, error bars = std over seeds) to
 ``--out`` (default ``<root>/logs/compare/<time>/``) and logs the three files as artifacts of a new
 MLflow run in the (first) compared experiment, tagged ``fibo.comparison=true`` so that later
-comparisons leave it out (``--no-log``: don't).
+comparisons leave it out (``--no-log``: don't). Runs that log ``cost/attention_flops``
+(:class:`fibo.cost.LogCost`) get an ``attn FLOPs`` column (per sample, forward), so comparisons "at
+equal FLOPs" read off one table.
+
+``--x PARAM`` (any logged param; ``data.train_samples`` or its MLflow key ``data/train_samples``)
+draws curves instead: the metric against the param, one line per attention variant (runs equal
+except the seed and the param), mean ± std over seeds as error bars and a band, a log x axis when
+the values are positive and span 10x or more; the table pivots to rows = variants, columns = the
+param's values, cells ``mean ± std (n)``. Runs without the param are left out with a note.
 
 The store is the one ``fibo-run`` writes to: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``,
 else ``sqlite:///<root>/mlflow.db`` with root = ``$FIBO_ROOT`` or the current directory.
@@ -36,8 +44,11 @@ THROUGHPUT_METRIC = "train/throughput"
 COMPARISON_TAG = "fibo.comparison"
 # Params that differ between the seeds of one configuration without changing what is trained:
 # the seed, names, and where a run writes its files. Runs equal in every other param form a group.
-IGNORED_PARAMS = ("seed", "run_name", "*/run_name", "experiment_name", "*/experiment_name", "ckpt_path",
-                  "paths/*", "logger/*", "*/data_dir", "*/dirpath", "*/default_root_dir")
+NAMES_AND_PATHS = ("run_name", "*/run_name", "experiment_name", "*/experiment_name", "ckpt_path",
+                   "paths/*", "logger/*", "*/data_dir", "*/dirpath", "*/default_root_dir")
+IGNORED_PARAMS = ("seed", *NAMES_AND_PATHS)
+FLOPS_METRIC = "cost/attention_flops"  # fibo.cost.LogCost: attention FLOPs per sample (forward)
+FLOPS_COLUMN = "attn FLOPs"
 MAX_DIFFERS = 3  # params named in the config column
 LABELS = (("task", "task"), ("data", "dataset"), ("model", "model"), ("attention", "attention"))
 _FALLBACK_PARAM = {"task": "task/_target_", "data": "data/_target_", "model": "model/name", "attention": "attention/name"}
@@ -178,13 +189,35 @@ def _fmt(value: float, digits: int = 4) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def format_flops(value: float) -> str:
+    """``1234567`` -> ``"1.23M"``: 3 significant digits with k, M, G, T, P (powers of 1000); ``"-"`` for nan."""
+    if math.isnan(value):
+        return "-"
+    value = float(f"{value:.3g}")  # round first, so 999,700 reads 1M, not 1e+03k
+    for exp, unit in ((15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k")):
+        if abs(value) >= 10 ** exp:
+            return f"{value / 10 ** exp:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _has_flops(groups: list[Group]) -> bool:
+    return any(FLOPS_METRIC in r.data.metrics for g in groups for r in g.runs)
+
+
+def _variant_record(g: Group, density_metric: str, with_flops: bool) -> dict:
+    rec = {title: g.labels[name] for name, title in LABELS}
+    rec["config"] = g.differs
+    rec["density"] = g.mean(density_metric)
+    if with_flops:
+        rec["attention_flops"] = g.mean(FLOPS_METRIC)
+    return rec
+
+
 def records(groups: list[Group], metric: str, density_metric: str, with_status: bool) -> list[dict]:
     """One dict of raw values per group (what ``comparison.csv`` holds)."""
-    out = []
+    out, with_flops = [], _has_flops(groups)
     for g in groups:
-        rec = {title: g.labels[name] for name, title in LABELS}
-        rec["config"] = g.differs
-        rec["density"] = g.mean(density_metric)
+        rec = _variant_record(g, density_metric, with_flops)
         rec["seeds"] = " ".join(g.seeds)
         rec["n"] = len(g.values(metric))
         rec[f"{metric} mean"], rec[f"{metric} std"] = g.mean(metric), g.std(metric)
@@ -196,7 +229,23 @@ def records(groups: list[Group], metric: str, density_metric: str, with_status: 
     return out
 
 
-NUMERIC = ("density", "n", "throughput/s")
+NUMERIC = ("density", FLOPS_COLUMN, "n", "throughput/s")
+
+
+def _variant_row(rec: dict) -> dict[str, str]:
+    row = {title: rec[title] for _, title in LABELS}
+    row["config"] = rec["config"]
+    row["density"] = "-" if math.isnan(rec["density"]) else f"{100 * rec['density']:.2f}%"
+    if "attention_flops" in rec:
+        row[FLOPS_COLUMN] = format_flops(rec["attention_flops"])
+    return row
+
+
+def _drop_empty_config(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    if not any(r["config"] for r in rows):
+        for r in rows:
+            del r["config"]
+    return rows
 
 
 def display_rows(recs: list[dict], metric: str) -> list[dict[str, str]]:
@@ -204,9 +253,7 @@ def display_rows(recs: list[dict], metric: str) -> list[dict[str, str]]:
     rows = []
     for rec in recs:
         mean, std = rec[f"{metric} mean"], rec[f"{metric} std"]
-        row = {title: rec[title] for _, title in LABELS}
-        row["config"] = rec["config"]
-        row["density"] = "-" if math.isnan(rec["density"]) else f"{100 * rec['density']:.2f}%"
+        row = _variant_row(rec)
         row["seeds"] = rec["seeds"].replace(" ", ",")
         row["n"] = str(rec["n"])
         row[metric] = "-" if math.isnan(mean) else f"{mean:.4f} ± {_fmt(std)}"
@@ -214,19 +261,17 @@ def display_rows(recs: list[dict], metric: str) -> list[dict[str, str]]:
         if "status" in rec:
             row["status"] = rec["status"]
         rows.append(row)
-    if not any(r["config"] for r in rows):
-        for r in rows:
-            del r["config"]
-    return rows
+    return _drop_empty_config(rows)
 
 
-def print_table(rows: list[dict[str, str]], metric: str, title: str) -> None:
+def print_table(rows: list[dict[str, str]], right: set[str], title: str) -> None:
+    """Print ``rows`` with rich; the columns in ``right`` are right-aligned (numbers)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     for col in rows[0]:
-        table.add_column(col, justify="right" if col in NUMERIC or col == metric else "left", overflow="fold",
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold",
                          no_wrap=col not in ("config", "seeds", "status"), min_width=24 if col == "config" else None)
     for row in rows:
         table.add_row(*row.values())
@@ -243,10 +288,10 @@ def write_csv(recs: list[dict], path: Path) -> None:
         writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in rec.items()} for rec in recs)
 
 
-def write_markdown(rows: list[dict[str, str]], metric: str, path: Path, title: str) -> None:
+def write_markdown(rows: list[dict[str, str]], right: set[str], path: Path, title: str) -> None:
     cols = list(rows[0])
     lines = [f"# {title}", "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join("---:" if c in NUMERIC or c == metric else "---" for c in cols) + "|"]
+             "|" + "|".join("---:" if c in right else "---" for c in cols) + "|"]
     lines += ["| " + " | ".join(row[c].replace("|", "\\|") for c in cols) + " |" for row in rows]
     path.write_text("\n".join(lines) + "\n")
 
@@ -292,6 +337,138 @@ def plot(groups: list[Group], metric: str, density_metric: str, path: Path, titl
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return left_out
+
+
+# -- curves: the metric against a param (--x) ---------------------------------------------------
+@dataclass
+class Curve:
+    """One variant (runs equal except the seed and the x param) and its runs at each x value."""
+
+    group: Group
+    points: dict[str, Group]  # the param's value as logged -> the runs (seeds) with that value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _missing(value) -> bool:
+    return value in (None, "", "None")  # a null in the config is logged as the string None
+
+
+def varying_params(runs) -> list[str]:
+    """Params whose values differ between ``runs`` (absent counts as a value), names and paths left out."""
+    keys = {k for r in runs for k in r.data.params if not any(fnmatch.fnmatchcase(k, p) for p in NAMES_AND_PATHS)}
+    return sorted(k for k in keys if len({r.data.params.get(k) for r in runs}) > 1)
+
+
+def resolve_param(runs, name: str) -> str:
+    """The MLflow key of ``--x name``: as given, else with dots as slashes (fibo-run logs the config
+    flattened with ``/``: ``data.train_samples`` -> ``data/train_samples``).
+
+    Raises:
+        CompareError: no run has the param; the message lists the params that vary.
+    """
+    have = {k for r in runs for k in r.data.params}
+    for key in (name, name.replace(".", "/")):
+        if key in have:
+            return key
+    varying = varying_params(runs)
+    raise CompareError(f"no run has the param {name!r}; params that vary between these runs: "
+                       + (", ".join(varying) or "none"))
+
+
+def x_values(curves: list[Curve]) -> list[str]:
+    """All x values of the curves, in order: by number when every value is one, else as text."""
+    values = {x for c in curves for x in c.points}
+    if all(_is_number(v) for v in values):
+        return sorted(values, key=float)
+    return sorted(values, key=_numeric_first)
+
+
+def make_curves(groups: list[Group], param: str) -> list[Curve]:
+    """Split each group (grouped without ``param``) by the value of ``param``."""
+    out = []
+    for g in groups:
+        points: dict[str, Group] = {}
+        for run in g.runs:
+            points.setdefault(run.data.params[param], Group(labels=g.labels, key=g.key, differs=g.differs)).runs.append(run)
+        out.append(Curve(g, points))
+    return out
+
+
+def curve_records(curves: list[Curve], xs: list[str], param: str, metric: str, density_metric: str) -> list[dict]:
+    """The pivoted table's raw values: one dict per variant with ``<param>=<x> mean/std/n`` per x value."""
+    out, with_flops = [], _has_flops([c.group for c in curves])
+    for c in curves:
+        rec = _variant_record(c.group, density_metric, with_flops)
+        for x in xs:
+            p = c.points.get(x)
+            rec[f"{param}={x} mean"] = p.mean(metric) if p else math.nan
+            rec[f"{param}={x} std"] = p.std(metric) if p else math.nan
+            rec[f"{param}={x} n"] = len(p.values(metric)) if p else 0
+        rec["runs"] = " ".join(r.info.run_id for r in c.group.runs)
+        out.append(rec)
+    return out
+
+
+def curve_rows(recs: list[dict], xs: list[str], param: str) -> list[dict[str, str]]:
+    """The pivoted table as printed: a column ``<last part of param>=<x>`` per value, cells ``mean ± std (n)``."""
+    short = param.rsplit("/", 1)[-1]
+    rows = []
+    for rec in recs:
+        row = _variant_row(rec)
+        for x in xs:
+            mean, std, n = rec[f"{param}={x} mean"], rec[f"{param}={x} std"], rec[f"{param}={x} n"]
+            row[f"{short}={x}"] = "-" if not n else f"{mean:.4f} ± {_fmt(std)} ({n})"
+        rows.append(row)
+    return _drop_empty_config(rows)
+
+
+def plot_curves(curves: list[Curve], xs: list[str], param: str, metric: str, path: Path, title: str) -> str:
+    """The metric against ``param``, one line per variant: mean with std error bars and band (std 0
+    for a single seed). Numeric x values are placed by value, on a log axis when all are positive
+    and span 10x or more; other values are evenly spaced in order. Returns the x scale
+    (``log``, ``linear`` or ``categorical``)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    numeric = all(_is_number(x) for x in xs)
+    pos = {x: float(x) if numeric else float(i) for i, x in enumerate(xs)}
+    values = list(pos.values())
+    scale = "categorical" if not numeric else \
+        "log" if min(values) > 0 and max(values) / min(values) >= 10 else "linear"
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    cmap = plt.get_cmap("tab10")
+    for i, (c, name) in enumerate(zip(curves, variant_names([c.group for c in curves]))):
+        pts = [(pos[x], p.mean(metric), p.std(metric)) for x in xs if (p := c.points.get(x)) and p.values(metric)]
+        if not pts:
+            continue
+        px, py, pe = zip(*pts)
+        pe = [0.0 if math.isnan(e) else e for e in pe]
+        color = cmap(i % 10)
+        ax.errorbar(px, py, yerr=pe, fmt="-o", capsize=3, color=color, label=name)
+        ax.fill_between(px, [y - e for y, e in zip(py, pe)], [y + e for y, e in zip(py, pe)], color=color, alpha=0.15,
+                        linewidth=0)
+    if scale == "log":
+        ax.set_xscale("log")
+    ax.set_xticks(values, xs)
+    ax.minorticks_off()
+    ax.set_xlabel(param + (" (log scale)" if scale == "log" else ""))
+    ax.set_ylabel(f"{metric}\n(mean ± std over seeds)")
+    ax.set_title(title if len(title) <= 90 else title[:87] + "...", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return scale
 
 
 def _client(tracking_uri: str):
@@ -351,13 +528,17 @@ class Comparison:
     files: dict[str, Path]
     run_id: str | None
     warnings: list[str]
+    x: str | None = None  # the MLflow param of --x (curves), else None
+    curves: list[Curve] = field(default_factory=list)
+    xscale: str | None = None  # the curve plot's x axis: log, linear or categorical
 
 
 def compare(experiments: list[str] | None = None, filter_string: str = "", metric: str = DEFAULT_METRIC,
             tracking_uri: str | None = None, all_status: bool = False, out_dir: str | Path | None = None,
             log: bool = True, density_metric: str = DENSITY_METRIC, ignore_params: tuple[str, ...] = (),
-            quiet: bool = False) -> Comparison:
-    """Everything ``fibo-compare`` does; returns the groups, the table rows, the files and the run id."""
+            quiet: bool = False, x: str | None = None) -> Comparison:
+    """Everything ``fibo-compare`` does; returns the groups, the table rows, the files and the run id.
+    With ``x`` (a param), the table and plot are curves over that param (see the module docstring)."""
     experiments = list(experiments or ["fibo"])
     uri = tracking_uri or default_tracking_uri()
     client = _client(uri)
@@ -369,30 +550,52 @@ def compare(experiments: list[str] | None = None, filter_string: str = "", metri
     missing = [r.info.run_name or r.info.run_id for r in runs if metric not in r.data.metrics]
     if missing:
         warnings.append(f"{len(missing)} run(s) without {metric} left out of the mean: " + ", ".join(sorted(missing)))
-    groups = _sort(group_runs(runs, IGNORED_PARAMS + tuple(ignore_params)), density_metric)
-    recs = records(groups, metric, density_metric, with_status=all_status)
-    rows = display_rows(recs, metric)
-    title = f"{metric} in {', '.join(experiments)}" + (f" [{filter_string}]" if filter_string else "") + \
+    ignored = IGNORED_PARAMS + tuple(ignore_params)
+    param = None
+    if x:
+        param = resolve_param(runs, x)
+        without = sorted(r.info.run_name or r.info.run_id for r in runs if _missing(r.data.params.get(param)))
+        runs = [r for r in runs if not _missing(r.data.params.get(param))]
+        if not runs:
+            raise CompareError(f"no run has a value for {param} (all are null); choose another --x")
+        if without:
+            warnings.append(f"{len(without)} run(s) without {param} left out: " + ", ".join(without))
+        ignored += (param,)
+    groups = _sort(group_runs(runs, ignored), density_metric)
+    what = f"{metric} by {param}" if param else metric
+    title = f"{what} in {', '.join(experiments)}" + (f" [{filter_string}]" if filter_string else "") + \
         f": {len(runs)} runs, {len(groups)} groups"
 
     out = Path(out_dir) if out_dir else project_root() / "logs" / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "comparison.csv", "md": out / "comparison.md", "png": out / "comparison.png"}
+    curves, xscale = [], None
+    if param:
+        curves = make_curves(groups, param)
+        xs = x_values(curves)
+        recs = curve_records(curves, xs, param, metric, density_metric)
+        rows = curve_rows(recs, xs, param)
+        right = set(NUMERIC) | set(list(rows[0])[-len(xs):])
+        xscale = plot_curves(curves, xs, param, metric, files["png"], title)
+    else:
+        recs = records(groups, metric, density_metric, with_status=all_status)
+        rows = display_rows(recs, metric)
+        right = set(NUMERIC) | {metric}
+        left_out = plot(groups, metric, density_metric, files["png"], title)
+        if left_out:
+            warnings.append(f"not in the plot (no {density_metric} or no {metric}): " + ", ".join(left_out))
     write_csv(recs, files["csv"])
-    write_markdown(rows, metric, files["md"], title)
-    left_out = plot(groups, metric, density_metric, files["png"], title)
-    if left_out:
-        warnings.append(f"not in the plot (no {density_metric} or no {metric}): " + ", ".join(left_out))
+    write_markdown(rows, right, files["md"], title)
 
     run_id = None
     if log:
-        run = client.create_run(exps[0].experiment_id, run_name=f"comparison {metric}", tags={
+        run = client.create_run(exps[0].experiment_id, run_name=f"comparison {what}", tags={
             COMPARISON_TAG: "true", "fibo.compared_runs": " ".join(r.info.run_id for r in runs)[:5000]})
         run_id = run.info.run_id
         try:
             for k, v in {"experiments": ",".join(experiments), "filter": filter_string or "-", "metric": metric,
-                         "density_metric": density_metric, "all_status": all_status, "runs": len(runs),
-                         "groups": len(groups)}.items():
+                         "x": param or "-", "density_metric": density_metric, "all_status": all_status,
+                         "runs": len(runs), "groups": len(groups)}.items():
                 client.log_param(run_id, k, str(v))
             for path in files.values():
                 client.log_artifact(run_id, str(path), "comparison")
@@ -402,24 +605,27 @@ def compare(experiments: list[str] | None = None, filter_string: str = "", metri
         client.set_terminated(run_id, "FINISHED")
 
     if not quiet:
-        print_table(rows, metric, title)
+        print_table(rows, right, title)
         for w in warnings:
             print(f"fibo-compare: note: {w}", file=sys.stderr)
         print(f"table: {files['csv']} and {files['md']}\nplot:  {files['png']}")
         if run_id:
             print(f"MLflow run {run_id} (tag {COMPARISON_TAG}=true) in experiment {experiments[0]!r} at {uri}")
-    return Comparison(groups, recs, rows, out, files, run_id, warnings)
+    return Comparison(groups, recs, rows, out, files, run_id, warnings, param, curves, xscale)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="fibo-compare", description="\n\n".join(__doc__.split("\n\n")[1:4]).replace("``", ""),
+        prog="fibo-compare", description="\n\n".join(__doc__.split("\n\n")[1:5]).replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-e", "--experiment", action="append", default=None,
                    help="MLflow experiment to read (repeat for several; default: fibo)")
     p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`trainer/max_epochs` = '40'\" "
                    "or \"tags.`choice.data` = 'digits'\"")
     p.add_argument("--metric", default=DEFAULT_METRIC, help="headline metric (default: test/acc1; robot runs: rollout/success_rate)")
+    p.add_argument("--x", default=None, metavar="PARAM",
+                   help="curves: the metric against this param (e.g. data.train_samples), one line per attention "
+                   "variant; the table pivots to variants x values")
     p.add_argument("--density-metric", default=DENSITY_METRIC, help="x axis of the plot and the density column (default: attention/density_patch)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store or server (default: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db, "
@@ -437,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         compare(args.experiment, args.filter, args.metric, args.tracking_uri, args.all_status, args.out,
-                log=not args.no_log, density_metric=args.density_metric, ignore_params=tuple(args.ignore_param))
+                log=not args.no_log, density_metric=args.density_metric, ignore_params=tuple(args.ignore_param), x=args.x)
     except CompareError as err:
         print(f"fibo-compare: error: {err}", file=sys.stderr)
         return 1

@@ -172,3 +172,126 @@ def test_grouping_ignores_seed_and_paths_and_names_what_differs():
                    ("fibottention", "", ["2", "10"])]
     one = next(g for g in groups if g.labels["attention"] == "dense" and len(g.runs) == 1)
     assert math.isnan(one.std("test/acc1")) and one.mean("test/acc1") == 0.9
+
+
+# -- curves (--x) on real MLflow runs written here ------------------------------------------------
+ACC = {  # attention -> train_samples -> test/acc1 of seeds 0, 1, ...
+    "dense": {"100": [0.50, 0.54, 0.52], "400": [0.80, 0.84], "1300": [0.95]},
+    "fibottention": {"100": [0.55, 0.57, 0.59], "400": [0.82, 0.86], "1300": [0.96, 0.97]},
+}
+DENSITY = {"dense": 1.0, "fibottention": 0.0936}
+FLOPS = {"dense": 6_489_600.0, "fibottention": 623_616.0}
+
+
+def _log_run(client, exp, attention: str, seed: int, train_samples: str | None, acc: float) -> str:
+    name = f"vit_nano-{attention}-digits-s{seed}" + (f"-n{train_samples}" if train_samples else "")
+    out = f"/r/logs/runs/{name}"
+    run = client.create_run(exp, run_name=name, tags={
+        "choice.task": "image", "choice.data": "digits", "choice.model": "vit_nano", "choice.attention": attention,
+        "seed": str(seed), "output_dir": out})
+    params = {"seed": str(seed), "run_name": name, "attention/name": attention, "trainer/max_epochs": "40",
+              "paths/output_dir": out, "callbacks/model_checkpoint/dirpath": f"{out}/checkpoints"}
+    if train_samples is not None:
+        params["data/train_samples"] = train_samples
+    for k, v in params.items():
+        client.log_param(run.info.run_id, k, v)
+    for k, v in {"test/acc1": acc, "attention/density_patch": DENSITY[attention],
+                 fc.FLOPS_METRIC: FLOPS[attention], "train/throughput": 400.0}.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return name
+
+
+@pytest.fixture
+def curve_store(tmp_path):
+    """A real SQLite store: dense and fibottention at train_samples 100/400/1300 (1-3 seeds each), one
+    run of an older config without data/train_samples and one with train_samples null."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("fibo", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    for attention, by_x in ACC.items():
+        for x, accs in by_x.items():
+            for seed, acc in enumerate(accs):
+                _log_run(client, exp, attention, seed, x, acc)
+    old = _log_run(client, exp, "dense", 5, None, 0.97)
+    null = _log_run(client, exp, "fibottention", 6, "None", 0.97)
+    return uri, client, sorted([old, null])
+
+
+def test_curves_pivot_the_table_and_draw_one_line_per_variant(curve_store, tmp_path, capsys):
+    uri, client, excluded = curve_store
+    result = fc.compare(tracking_uri=uri, x="data.train_samples", out_dir=tmp_path / "out")
+    assert result.x == "data/train_samples" and result.xscale == "log"  # 100..1300 spans 13x
+    # one group per variant: not split by the x param nor by the seed
+    assert sorted(g.labels["attention"] for g in result.groups) == ["dense", "fibottention"]
+    assert [len(g.runs) for g in result.groups] == [6, 7]
+    rows = {r["attention"]: r for r in result.rows}
+    assert list(rows["dense"]) == ["task", "dataset", "model", "attention", "density", "attn FLOPs",
+                                   "train_samples=100", "train_samples=400", "train_samples=1300"]
+    assert [rows["dense"][f"train_samples={x}"] for x in ("100", "400", "1300")] == [
+        "0.5200 ± 0.0200 (3)", "0.8200 ± 0.0283 (2)", "0.9500 ± - (1)"]
+    assert [rows["fibottention"][f"train_samples={x}"] for x in ("100", "400", "1300")] == [
+        "0.5700 ± 0.0200 (3)", "0.8400 ± 0.0283 (2)", "0.9650 ± 0.0071 (2)"]
+    assert (rows["dense"]["density"], rows["dense"]["attn FLOPs"]) == ("100.00%", "6.49M")
+    assert (rows["fibottention"]["density"], rows["fibottention"]["attn FLOPs"]) == ("9.36%", "624k")
+    assert result.warnings == [f"2 run(s) without data/train_samples left out: {excluded[0]}, {excluded[1]}"]
+
+    with (tmp_path / "out" / "comparison.csv").open() as fh:
+        recs = {r["attention"]: r for r in csv.DictReader(fh)}
+    for att, by_x in ACC.items():
+        for x, accs in by_x.items():
+            assert float(recs[att][f"data/train_samples={x} mean"]) == pytest.approx(statistics.fmean(accs), abs=1e-12)
+            assert recs[att][f"data/train_samples={x} n"] == str(len(accs))
+        assert float(recs[att]["attention_flops"]) == FLOPS[att]
+    assert recs["dense"]["data/train_samples=1300 std"] == ""  # one seed: no std
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert md.startswith("# test/acc1 by data/train_samples in fibo: 13 runs, 2 groups\n")
+    assert "| image | digits | vit_nano | dense | 100.00% | 6.49M | 0.5200 ± 0.0200 (3) | 0.8200 ± 0.0283 (2) |" in md
+    png = tmp_path / "out" / "comparison.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    out = capsys.readouterr()
+    assert f"fibo-compare: note: 2 run(s) without data/train_samples left out: {excluded[0]}, {excluded[1]}\n" in out.err
+    run = client.get_run(result.run_id)
+    assert run.data.params["x"] == "data/train_samples" and run.data.params["groups"] == "2"
+    assert {a.path for a in client.list_artifacts(result.run_id, "comparison")} == {
+        "comparison/comparison.png", "comparison/comparison.csv", "comparison/comparison.md"}
+
+
+def test_curves_linear_axis_and_the_mlflow_key_form(curve_store, tmp_path):
+    uri, _, _ = curve_store
+    result = fc.compare(tracking_uri=uri, x="data/train_samples", filter_string="params.`data/train_samples` != '1300'",
+                        out_dir=tmp_path, log=False, quiet=True)
+    assert result.xscale == "linear"  # 100..400: less than 10x
+    assert [list(r)[-2:] for r in result.rows] == [["train_samples=100", "train_samples=400"]] * 2
+
+
+def test_curves_unknown_param_is_one_line_naming_the_params_that_vary(curve_store, tmp_path, capsys):
+    uri, _, _ = curve_store
+    capsys.readouterr()
+    assert fc.main(["--tracking-uri", uri, "--x", "data.nope", "--out", str(tmp_path), "--no-log"]) == 1
+    assert capsys.readouterr().err == ("fibo-compare: error: no run has the param 'data.nope'; params that vary "
+                                       "between these runs: attention/name, data/train_samples, seed\n")
+
+
+def test_the_plain_table_has_a_flops_column_when_runs_log_it(curve_store, tmp_path):
+    uri, _, _ = curve_store
+    result = fc.compare(tracking_uri=uri, out_dir=tmp_path, log=False, quiet=True,
+                        filter_string="params.`data/train_samples` = '100'")
+    assert [(r["attention"], r["attn FLOPs"], r["n"]) for r in result.rows] == [("dense", "6.49M", "3"),
+                                                                                ("fibottention", "624k", "3")]
+    assert [r["attention_flops"] for r in result.records] == [FLOPS["dense"], FLOPS["fibottention"]]
+
+
+def test_without_cost_metrics_there_is_no_flops_column(tmp_path):
+    uri = _store_with_a_failed_run(tmp_path)
+    result = fc.compare(tracking_uri=uri, all_status=True, out_dir=tmp_path / "out", log=False, quiet=True)
+    assert "attn FLOPs" not in result.rows[0] and "attention_flops" not in result.records[0]
+
+
+@pytest.mark.parametrize("value, text", [(6_489_600, "6.49M"), (623_616, "624k"), (999_700, "1M"), (512, "512"),
+                                         (2.5e9, "2.5G"), (3.0e12, "3T"), (math.nan, "-")])
+def test_format_flops(value, text):
+    assert fc.format_flops(value) == text
