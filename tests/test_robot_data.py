@@ -181,3 +181,34 @@ def test_no_env_args_trains_but_refuses_rollouts(tmp_path, caplog):
            "rollouts are refused" in caplog.text
     with pytest.raises(EnvCreationError, match=r"has no data.attrs\['env_args'\]"):
         make_env(None, source=str(path))
+
+
+def test_num_demos_is_a_seeded_nested_subset_of_the_training_demos(tmp_path):
+    """data.num_demos on a file without mask/: 8 training demos, 2 validation demos (seeded)."""
+    path = write_tiny(tmp_path / "tiny.hdf5", lengths=tuple(range(3, 13)), masks=False)
+
+    def module(num_demos, split_seed=0):
+        dm = RobomimicDataModule(str(path), rgb_keys=[], low_dim_keys=LOW_DIM, batch_size=2, valid_fraction=0.2,
+                                 num_demos=num_demos, split_seed=split_seed)
+        dm.setup("fit")
+        return dm
+
+    full = module(None)
+    subsets = {n: module(n) for n in (1, 2, 4, 8)}
+    assert len(full.train_demos) == 8
+    for small, large in [(1, 2), (2, 4), (4, 8)]:
+        assert set(subsets[small].train_demos) < set(subsets[large].train_demos)
+    assert subsets[8].train_demos == full.train_demos
+    assert module(4).train_demos == subsets[4].train_demos  # reproducible
+    assert all(dm.valid_demos == full.valid_demos for dm in subsets.values())  # validation unchanged
+    lengths = {f"demo_{i}": n for i, n in enumerate(range(3, 13))}
+    four = subsets[4]
+    assert four.report().metrics["data/train_demos"] == 4
+    assert four.report().metrics["data/train_samples"] == sum(lengths[d] for d in four.train_demos)
+    assert len(four.train_set) == sum(lengths[d] for d in four.train_demos)
+    assert module(4, split_seed=1).train_demos != four.train_demos
+    for bad in (0, -1, 9):
+        with pytest.raises(ValueError) as info:
+            module(bad)
+        assert str(info.value) == (f"data.num_demos={bad} is out of range: give an integer from 1 to 8 (all 8 training "
+                                   "demos), or data.num_demos=null for all")

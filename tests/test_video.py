@@ -187,6 +187,31 @@ def test_moving_digits_layouts_agree(small_set):
     assert moved[Path(path).parent.name] > 10
 
 
+def test_train_samples_is_a_stratified_nested_subset_of_the_videos(small_set):
+    """data.train_samples on the 12 training videos (3 per class): the 4-video subset is inside the
+    8-video one, one video per class; val/test unchanged; the number is reported."""
+    def train_set(train_samples, split_seed=0):
+        dm = video_dm(root=str(small_set), train_samples=train_samples, split_seed=split_seed)
+        dm.setup()
+        return dm, [(str(p), y) for p, y, _ in dm.datasets["train"].samples]
+
+    full, everything = train_set(None)
+    dm4, four = train_set(4)
+    _, eight = train_set(8)
+    assert set(four) < set(eight) < set(everything) and len(everything) == 12
+    assert sorted(y for _, y in four) == [0, 1, 2, 3] and sorted(y for _, y in eight) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert train_set(4)[1] == four and train_set(4, split_seed=1)[1] != four
+    assert len(train_set(0.5)[1]) == 6
+    for split in ("val", "test"):
+        assert dm4.datasets[split].samples == full.datasets[split].samples
+    assert dm4.report().metrics["data/train_samples"] == 4 and dm4.report().metrics["data/train_videos"] == 4
+    assert full.report().metrics["data/train_samples"] == 12
+    with pytest.raises(ValueError) as info:
+        train_set(3)
+    assert str(info.value) == ("data.train_samples=3 is out of range: give an integer from 4 (one per class, 4 classes) "
+                               "to 12 (all 12 training samples), a fraction in (0, 1], or data.train_samples=null for all")
+
+
 def test_list_file_paths_with_spaces_relative_to_root(small_set, tmp_path):
     src = next((small_set / "train" / "left").glob("*.mp4"))
     (tmp_path / "my videos").mkdir()

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from fibo.data.report import DataReport
+from fibo.data.subset import resolve_train_samples, stratified_subset
 from fibo.data.transforms import build_transform
 
 
@@ -47,6 +48,18 @@ class PILListDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i]
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Integer label of every sample of ``dataset``, read from ``targets``/``labels`` (torchvision,
+    :class:`PILListDataset`) through any :class:`~torch.utils.data.Subset` nesting without loading
+    images; other datasets are iterated."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    for attr in ("targets", "labels"):
+        if hasattr(dataset, attr):
+            return np.asarray(getattr(dataset, attr), dtype=np.int64)
+    return np.asarray([label for _, label in dataset], dtype=np.int64)
 
 
 def split_indices(labels: Sequence[int], sizes: Sequence[int], seed: int) -> list[np.ndarray]:
@@ -82,10 +95,13 @@ class ImageDataModule(L.LightningDataModule):
         batch_size, num_workers: loader settings (``num_workers=0`` loads in the main process).
         mean, std: per-channel normalisation.
         augment: training augmentation (keyword arguments of ``timm.data.create_transform``).
-        split_seed: seed of the fixed train/val(/test) split.
+        split_seed: seed of the fixed train/val(/test) split and of the training subset.
+        train_samples: train on a subset of the training split: ``None`` (all), a number of images or
+            a fraction in (0, 1]; stratified per class and nested (:func:`fibo.data.subset.stratified_subset`);
+            val/test unchanged.
 
     Raises:
-        ValueError: image size not divisible by patch size.
+        ValueError: image size not divisible by patch size; ``train_samples`` out of range (at setup).
     """
 
     name = "images"
@@ -103,6 +119,7 @@ class ImageDataModule(L.LightningDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         augment: Mapping[str, Any] | None = None,
         split_seed: int = 0,
+        train_samples: int | float | None = None,
     ) -> None:
         super().__init__()
         from fibo.models.vit import check_patch_grid
@@ -116,7 +133,7 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = dict(augment or {})
-        self.split_seed = split_seed
+        self.split_seed, self.train_samples = split_seed, train_samples
         self.train_set = self.val_set = self.test_set = None
 
     def _make_splits(self) -> tuple[Dataset, Dataset, Dataset]:
@@ -137,6 +154,7 @@ class ImageDataModule(L.LightningDataModule):
             return
         train, val, test = self._make_splits()
         self._check_num_classes(self._class_count())
+        train = self._train_subset(train)
         # debug=overfit (trainer.overfit_batches) trains without the augmentation recipe, as
         # data.augment=null did; read from the trainer so the debug overlay never writes data.*
         trainer = getattr(self, "_trainer", None)
@@ -146,6 +164,14 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = TransformedDataset(train, train_tf)
         self.val_set = TransformedDataset(val, eval_tf)
         self.test_set = TransformedDataset(test, eval_tf)
+
+    def _train_subset(self, train: Dataset) -> Dataset:
+        """``train`` itself, or its ``data.train_samples`` subset (stratified, nested, seeded)."""
+        if self.train_samples is None:
+            return train
+        labels = dataset_labels(train)
+        n = resolve_train_samples(self.train_samples, len(labels), len(np.unique(labels)))
+        return Subset(train, stratified_subset(labels, n, self.split_seed).tolist())
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
@@ -164,10 +190,12 @@ class ImageDataModule(L.LightningDataModule):
         return {"train": len(self.train_set), "val": len(self.val_set), "test": len(self.test_set)}
 
     def report(self) -> DataReport:
-        """Images per split (empty before setup)."""
+        """Images per split and ``data/train_samples`` (the images trained on); empty before setup."""
         if self.train_set is None:
             return DataReport()
-        return DataReport(metrics={f"data/{k}_images": float(n) for k, n in self.split_sizes().items()})
+        sizes = self.split_sizes()
+        metrics = {f"data/{k}_images": float(n) for k, n in sizes.items()}
+        return DataReport(metrics={**metrics, "data/train_samples": float(sizes["train"])})
 
 
 class DigitsDataModule(ImageDataModule):

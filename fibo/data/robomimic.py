@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fibo.data.report import DataReport
+from fibo.data.subset import resolve_train_samples, seeded_prefix
 
 log = logging.getLogger("fibo")
 
@@ -226,6 +227,12 @@ class RobomimicDataModule(L.LightningDataModule):
         rollout_horizon: maximum steps of an evaluation episode (used by the rollout callback).
         std_min: floor of the normalisation std.
         object_dim: size of the ``object`` observation (what ``model=policy_oracle`` adds).
+        num_demos: train on a subset of the training demos: ``None`` (all) or a number, drawn by
+            ``split_seed`` and nested (the 10-demo set is inside the 20-demo set); validation unchanged.
+
+    Raises:
+        DatasetError / ValueError (at setup): see :func:`inspect_hdf5`, :func:`split_demos`;
+            ``num_demos`` not between 1 and the number of training demos.
     """
 
     def __init__(self, path: str, rgb_keys: Sequence[str] = ("agentview_image",),
@@ -233,7 +240,8 @@ class RobomimicDataModule(L.LightningDataModule):
                  seq_length: int = 1, batch_size: int = 64, num_workers: int = 0, generate: Mapping[str, Any] | None = None,
                  train_filter: str = "train", valid_filter: str | None = "valid", valid_fraction: float = 0.1,
                  split_seed: int = 0, hdf5_cache_mode: str | None = "low_dim", img_size: int = 84,
-                 rollout_horizon: int = 150, std_min: float = 1e-2, object_dim: int | None = None) -> None:
+                 rollout_horizon: int = 150, std_min: float = 1e-2, object_dim: int | None = None,
+                 num_demos: int | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self.rgb_keys = list(rgb_keys or [])
@@ -248,7 +256,7 @@ class RobomimicDataModule(L.LightningDataModule):
         self.valid_fraction, self.split_seed = valid_fraction, split_seed
         self.hdf5_cache_mode = hdf5_cache_mode
         self.img_size, self.rollout_horizon, self.std_min = img_size, rollout_horizon, std_min
-        self.object_dim = object_dim
+        self.object_dim, self.num_demos = object_dim, num_demos
         self.info: dict[str, Any] | None = None
         self.train_demos: list[str] = []
         self.valid_demos: list[str] = []
@@ -272,6 +280,10 @@ class RobomimicDataModule(L.LightningDataModule):
                                                          self.valid_fraction, self.split_seed, str(self.path))
         if not self.train_demos:
             raise DatasetError(f"{self.path}: mask/{self.train_filter} is empty: no demos to train on")
+        n = resolve_train_samples(self.num_demos, len(self.train_demos), key="data.num_demos", unit="demos",
+                                  fractions=False)
+        if n is not None:
+            self.train_demos = seeded_prefix(self.train_demos, n, self.split_seed)
         self._stats = compute_stats(self.path, self.train_demos, list(self.low_dim_keys), self.std_min)
         make = lambda demos: SequenceData(self.path, demos, self.rgb_keys, list(self.low_dim_keys), self.frame_stack,  # noqa: E731
                                           self.seq_length, self.hdf5_cache_mode)

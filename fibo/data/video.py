@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fibo.data.report import DataReport
-
+from fibo.data.subset import resolve_train_samples, stratified_subset
 from fibo.data._pytorchvideo import ensure_pytorchvideo_importable
 from fibo.data.video_io import (
     BadVideoError,
@@ -160,6 +160,11 @@ class VideoDataModule(L.LightningDataModule):
             repeat their last frame (SlowFast/TimeSformer behaviour; counted as ``padded_videos``)
             instead of treating them as unusable. Off by default: a too-short video usually means a
             wrong ``num_frames``/``sampling_rate``; on in the paper's video overlays (8 x 32 frames).
+        train_samples: train on a subset of the listed training videos: ``None`` (all), a number of
+            videos or a fraction in (0, 1]; stratified per class, nested, seeded by ``split_seed``
+            (:func:`fibo.data.subset.stratified_subset`), drawn before probing (an unusable video of
+            the subset is left out, so ``data/train_samples`` reports the number actually used).
+        split_seed: seed of that subset.
 
     Raises:
         FileNotFoundError / ValueError: missing folders or list files, malformed lines, bad sizes,
@@ -173,7 +178,8 @@ class VideoDataModule(L.LightningDataModule):
                  num_workers: int = 0, mean: Sequence[float] = (0.45, 0.45, 0.45),
                  std: Sequence[float] = (0.225, 0.225, 0.225), hflip: float = 0.5,
                  scale: Sequence[float] = (0.08, 1.0), on_bad_video: str = "skip", cache_frames: bool = False,
-                 pad_short_videos: bool = False) -> None:
+                 pad_short_videos: bool = False, train_samples: int | float | None = None,
+                 split_seed: int = 0) -> None:
         super().__init__()
         from fibo.models.vit import check_patch_grid
 
@@ -194,6 +200,7 @@ class VideoDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.mean, self.std, self.hflip, self.scale = tuple(mean), tuple(std), hflip, tuple(scale)
         self.on_bad_video, self.cache_frames, self.pad_short_videos = on_bad_video, cache_frames, pad_short_videos
+        self.train_samples, self.split_seed = train_samples, split_seed
         self.padded_videos: list[str] = []
         self.skipped_videos: list[tuple[str, str]] = []
         self.datasets: dict[str, VideoClipDataset] = {}
@@ -227,6 +234,14 @@ class VideoDataModule(L.LightningDataModule):
                              f"{len(classes)} class folders: set data.num_classes={len(classes)}")
         self.classes = classes
         return {"train": train, "val": val, "test": test}
+
+    def _train_subset(self, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        """``samples`` or their ``data.train_samples`` subset (stratified, nested, seeded)."""
+        if self.train_samples is None:
+            return samples
+        labels = [label for _, label in samples]
+        n = resolve_train_samples(self.train_samples, len(labels), len(set(labels)))
+        return [samples[i] for i in stratified_subset(labels, n, self.split_seed)]
 
     def _probe(self, split: str, samples) -> tuple[list, list | None]:
         clip_frames = (self.num_frames - 1) * self.sampling_rate + 1
@@ -266,6 +281,8 @@ class VideoDataModule(L.LightningDataModule):
                       mean=self.mean, std=self.std, on_bad_video=self.on_bad_video,
                       pad_short_videos=self.pad_short_videos)
         for split, samples in self._split_samples().items():
+            if split == "train":
+                samples = self._train_subset(samples)
             probed, frames = self._probe(split, samples)
             self.datasets[split] = VideoClipDataset(probed, train=split == "train", views=self.views, hflip=self.hflip,
                                                     scale=self.scale, frames=frames, **common)
@@ -292,6 +309,8 @@ class VideoDataModule(L.LightningDataModule):
         """Counts (videos per split, videos left out as unusable, padded videos) and the list of
         left-out videos as ``data/skipped_videos.tsv`` (path, reason)."""
         metrics: dict[str, float] = {f"data/{k}_videos": len(v.samples) for k, v in self.datasets.items()}
+        if "train" in self.datasets:
+            metrics["data/train_samples"] = len(self.datasets["train"].samples)
         skipped = list(self.skipped_videos)
         for d in self.datasets.values():
             skipped += [(path, "failed to decode a clip") for path in d.runtime_failures]
