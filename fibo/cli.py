@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,68 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("fibo")
 
-# ${fibo.cwd:} = the directory fibo-run was started in; unlike ${hydra:runtime.cwd} it also resolves
-# while Hydra sets up a sweep (hydra.sweep.dir), before any job runs.
-if not OmegaConf.has_resolver("fibo.cwd"):
-    OmegaConf.register_new_resolver("fibo.cwd", os.getcwd)
+PATH_KEYS = ("root", "path", "ckpt_path")  # and keys ending in _dir, _path, _file, _list, _root
+PATH_SUFFIXES = ("_dir", "_path", "_file", "_list", "_root")
+RUN_SUFFIX = secrets.token_hex(3)  # one per process: a sweep's jobs share it, DDP children get the run dir
+
+
+def launch_dir() -> str:
+    """The directory fibo-run was started in (Hydra's ``runtime.cwd``), whatever Hydra's working
+    directory is now (``hydra.job.chdir=true`` moves it into the run folder); before Hydra has a
+    config (while it sets up a sweep's folder) the working directory, which is still the launch one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        cwd = OmegaConf.select(HydraConfig.get(), "runtime.cwd")
+        if cwd:
+            return str(cwd)
+    return os.getcwd()
+
+
+# ${fibo.cwd:} = the launch directory (see launch_dir); ${fibo.run_suffix:} = a random 6-hex suffix that
+# keeps two runs started in the same second out of each other's folders (conf/hydra/default.yaml).
+for _name, _resolver in (("fibo.cwd", launch_dir), ("fibo.run_suffix", lambda: RUN_SUFFIX)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
+
+
+def check_overrides(overrides: list[str], conf_dir: str = CONF_DIR) -> None:
+    """Refuse a dot-override that sets a config group's name to a string (``model.attention=dense``):
+    Hydra accepts it and the run fails later with an unrelated error; the group is chosen without the
+    dot. Generic: any ``a.b.<group>=<string>`` where ``conf/<group>/`` is a config group.
+
+    Raises:
+        ValueError: naming the override and the group choice to write instead.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key, value = override.key_or_group, override.value()
+        group = key.rsplit(".", 1)[-1]
+        if "." not in key or key.startswith("hydra.") or not isinstance(value, str):
+            continue
+        options = sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
+        if options:
+            choice = f"{group}={value}" if value in options else f"{group}=<{'|'.join(options)}>"
+            raise ValueError(f"{override.input_line} sets {key} to the string {value!r}, but {group} is a config "
+                             f"group: choose it with {choice} (no dot)")
+
+
+def absolute_cli_paths(cfg: DictConfig, overrides: list[str], cwd: str) -> None:
+    """Make the relative paths given on the command line (keys named ``root``, ``path``, ``ckpt_path``
+    or ending in ``_dir``/``_path``/``_file``/``_list``/``_root``) absolute against the launch
+    directory ``cwd``, so that they mean the same whatever Hydra's working directory is
+    (``hydra.job.chdir=true``). Changes ``cfg`` in place."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key, value = override.key_or_group, override.value()
+        name = key.rsplit(".", 1)[-1]
+        if key.startswith("hydra.") or not isinstance(value, str) or not value or os.path.isabs(value) \
+                or not (name in PATH_KEYS or name.endswith(PATH_SUFFIXES)) or "://" in value:
+            continue
+        if OmegaConf.select(cfg, key) == value:
+            OmegaConf.update(cfg, key, str(Path(cwd, value).expanduser()), force_add=False)
 
 
 def _default_run_name(cfg: DictConfig, choices: dict) -> str:
@@ -86,7 +145,10 @@ def train(cfg: DictConfig) -> float | None:
     from fibo.tracking import run_lifecycle
 
     _route_lightning_logs_through_hydra()
-    runtime = HydraConfig.get().runtime
+    hydra_cfg = HydraConfig.get()
+    runtime = hydra_cfg.runtime
+    check_overrides(list(hydra_cfg.overrides.task))
+    absolute_cli_paths(cfg, list(hydra_cfg.overrides.task), runtime.cwd)
     choices = dict(runtime.choices)
     if cfg.run_name is None:
         cfg.run_name = _default_run_name(cfg, choices)

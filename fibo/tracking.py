@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -39,6 +40,118 @@ def resolve_tracking_uri(tracking_uri: str | None, default_store: str) -> str:
         return env
     Path(default_store).parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(default_store).resolve()}"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store or server cannot be used; the message names it and what to check."""
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when ``uri`` is an MLflow server (``http(s)://``) that does not answer: one GET of
+    ``<uri>/health`` (the MLflow server's health endpoint; any HTTP answer counts as reachable) within
+    ``timeout_s`` seconds. Other URIs (``sqlite:``, ``file:``, databricks) are not probed. Without it
+    MLflow retries for minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``).
+
+    Raises:
+        TrackingError: naming the URI, the reason and what to check.
+    """
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}, probed {uri.rstrip('/')}/health for {timeout_s:g} s): "
+            f"start it (mlflow server --backend-store-uri sqlite:///mlflow.db --host <host> --port <port>) or set "
+            f"MLFLOW_TRACKING_URI / logger.tracking_uri to a server that runs (unset: the local SQLite store); "
+            f"MLflow's own waits are set by MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT") from None
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///<path>`` URI (None for other URIs and in-memory stores)."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def _tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as con:
+        return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def prepare_store(uri: str, lock_timeout_s: float = 600) -> None:
+    """Create or migrate an MLflow SQLite store once, under an inter-process lock (``<db>.lock``,
+    :mod:`filelock`), before any run touches it: runs started together on a new store otherwise all
+    run MLflow's schema migration at once and crash, leaving ``_alembic_tmp_<table>`` tables behind.
+
+    A store left half-migrated that way is repaired: holding no runs, it is recreated; holding runs,
+    each leftover ``_alembic_tmp_<t>`` whose table ``<t>`` still exists is dropped (the original holds
+    the data) and the migration rerun (``mlflow db upgrade``, MLflow's public CLI). Other URIs: nothing.
+
+    Raises:
+        TrackingError: the store cannot be repaired safely; the message names the table and the fix.
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        return
+    from filelock import FileLock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=lock_timeout_s):
+        _repair_half_migrated(db, uri)
+        _open_store(uri, db)
+
+
+def _open_store(uri: str, db: Path) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates / checks the schema
+    except MlflowException as err:
+        if "out-of-date database schema" not in str(err):
+            raise
+        _upgrade(uri, db)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+def _upgrade(uri: str, db: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        raise TrackingError(f"MLflow store {db} could not be migrated ({tail}): back it up, then run "
+                            f"`mlflow db upgrade {uri}` and fix what it reports, or start a new store")
+
+
+def _repair_half_migrated(db: Path, uri: str) -> None:
+    if not db.is_file():
+        return
+    tables = _tables(db)
+    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if not leftovers:
+        return
+    with sqlite3.connect(db) as con:
+        runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    if runs == 0:  # a new store that a concurrent first migration broke: nothing to keep
+        log.warning("MLflow store %s was left half-migrated (%s) and holds no runs: recreating it", db, ", ".join(leftovers))
+        db.unlink()
+        return
+    for tmp in leftovers:
+        table = tmp[len("_alembic_tmp_"):]
+        if table not in tables:
+            raise TrackingError(
+                f"MLflow store {db} was left half-migrated: table {tmp} holds what should be table {table}, which is "
+                f"gone. Back up {db}, then: sqlite3 {db} 'ALTER TABLE {tmp} RENAME TO {table}' && mlflow db upgrade {uri}")
+        log.warning("MLflow store %s: dropping %s left by an interrupted migration (%s is intact)", db, tmp, table)
+        with sqlite3.connect(db) as con:
+            con.execute(f'DROP TABLE "{tmp}"')
+    _upgrade(uri, db)
 
 
 def mlflow_logger(
@@ -94,14 +207,6 @@ def git_commit(path: str | Path) -> tuple[str | None, bool]:
         return fallback, False
 
 
-def run_id_in_checkpoint(ckpt_path: str | Path) -> str | None:
-    """The MLflow run id a fibo checkpoint was written under (None for foreign checkpoints)."""
-    import torch
-
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    return ckpt.get(RUN_ID_KEY) if isinstance(ckpt, dict) else None
-
-
 class RunIdInCheckpoint(L.Callback):
     """Stores the MLflow run id in every checkpoint so that ``fibo-run ckpt_path=...`` continues
     the same run."""
@@ -132,13 +237,16 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
-def resume_run_id(ckpt_path: str | None) -> str | None:
-    """The MLflow run a ``ckpt_path`` continues (None without one, or for a foreign checkpoint).
+def load_checkpoint(ckpt_path: str | None) -> dict | None:
+    """The checkpoint a ``ckpt_path`` resumes from, loaded on the CPU (None without one); its
+    ``RUN_ID_KEY`` entry is the MLflow run it continues (absent for a foreign checkpoint).
 
     Raises:
         FileNotFoundError: ``ckpt_path`` is not a file.
-        ValueError: ``torch.load`` cannot read it.
+        ValueError: ``torch.load`` cannot read it, or it holds no dict.
     """
+    import torch
+
     if ckpt_path is None:
         return None
     ckpt = Path(ckpt_path).expanduser()
@@ -146,10 +254,53 @@ def resume_run_id(ckpt_path: str | None) -> str | None:
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist: pass the path of a .ckpt file "
                                 f"(runs keep theirs in <run dir>/checkpoints/last.ckpt)")
     try:
-        return run_id_in_checkpoint(ckpt)
+        loaded = torch.load(ckpt, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for non-checkpoints
         raise ValueError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint that torch.load can read "
                          f"({type(err).__name__}: {err}); pass a .ckpt written by fibo-run") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"ckpt_path={ckpt_path} holds a {type(loaded).__name__}, not a Lightning checkpoint; "
+                         f"pass a .ckpt written by fibo-run")
+    return loaded
+
+
+def resume_run_id(ckpt_path: str | None) -> str | None:
+    """The MLflow run a ``ckpt_path`` continues (None without one, or for a foreign checkpoint).
+    Raises as :func:`load_checkpoint`."""
+    ckpt = load_checkpoint(ckpt_path)
+    return None if ckpt is None else ckpt.get(RUN_ID_KEY)
+
+
+def changed_options(params: Mapping[str, str], cfg, groups: tuple[str, ...] = ("data", "model", "attention")) -> list[str]:
+    """``"data.img_size: 16 -> 32"`` for every option of ``groups`` whose value in ``cfg`` differs from
+    the MLflow ``params`` a run was started with (compared as MLflow stores them: 250 characters)."""
+    from omegaconf import OmegaConf
+
+    flat = flatten_params({g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups if g in cfg})
+    return [f"{k.replace('/', '.')}: {params[k]} -> {v}" for k, v in flat.items()
+            if k in params and params[k][:250] != v[:250]]
+
+
+def check_checkpoint_fits(ckpt: Mapping[str, Any], model, ckpt_path: str, changed: list[str] | None = None) -> None:
+    """Refuse to resume from a checkpoint whose ``model.*`` weights (the task's ``state_dict``) do
+    not have the shapes of ``model`` as configured now, before any run is touched (Lightning would
+    stop later with a raw "size mismatch").
+
+    Raises:
+        ValueError: one line naming the first mismatching parameter, both shapes and the options
+            that changed since the run (``changed``, from :func:`changed_options`) or the likely ones.
+    """
+    state = ckpt.get("state_dict") or {}
+    mine = model.state_dict()
+    for key, value in state.items():
+        name = key[len("model."):] if key.startswith("model.") else None
+        if name in mine and hasattr(value, "shape") and tuple(value.shape) != tuple(mine[name].shape):
+            why = ("options changed since the run: " + "; ".join(changed)) if changed else \
+                "likely changed: an option that sets the model's sizes (data.img_size, data.patch_size, " \
+                "data.num_classes, model.*)"
+            raise ValueError(f"ckpt_path={ckpt_path} does not fit the model as configured: {name} is "
+                             f"{list(value.shape)} in the checkpoint but {list(mine[name].shape)} now ({why}); "
+                             f"resume with the run's options, or start a new run without ckpt_path")
 
 
 def check_resume_matches(tags: Mapping[str, str], run_id: str, choices: Mapping[str, Any], ckpt_path: str) -> None:
@@ -238,21 +389,28 @@ class Run:
 def run_lifecycle(cfg, choices: Mapping[str, Any], output_dir: str | Path) -> Iterator[Run]:
     """One MLflow run around the body of a ``with`` block.
 
-    Before anything is touched: ``cfg.ckpt_path`` is checked (:func:`resume_run_id`) and a resumed
-    run's task/data/model/attention choices compared (:func:`check_resume_matches`). Then the run is
-    RUNNING (a resumed run drops the stopped attempt's ``error`` tag), the config logged
-    (:func:`log_config`). On leaving: the data report (:func:`log_data_report`), then FINISHED;
-    FAILED with the ``error`` tag for an exception; KILLED for Ctrl-C / SIGTERM (``SystemExit``
-    without a code becomes ``SystemExit(143)``) with a resume hint on stderr. A run that was
-    FINISHED before this attempt stays FINISHED (the attempt's error: tag ``failed_attempt``).
-    Under DDP/FSDP only global rank zero changes the run (:func:`is_global_zero_process`).
+    Before anything is touched: ``cfg.ckpt_path`` is loaded (:func:`load_checkpoint`), an MLflow
+    server is probed (:func:`check_tracking_server`), a SQLite store created or migrated once under a
+    lock (:func:`prepare_store`); a resumed run's task/data/model/attention choices are compared
+    (:func:`check_resume_matches`) and the checkpoint's weights with the model as configured
+    (:func:`check_checkpoint_fits`). Then the run is RUNNING (a resumed run drops the stopped
+    attempt's ``error`` tag), the config logged (:func:`log_config`). On leaving: the data report
+    (:func:`log_data_report`), then FINISHED; FAILED with the ``error`` tag for an exception; KILLED
+    for Ctrl-C / SIGTERM (``SystemExit`` without a code becomes ``SystemExit(143)``) with a resume
+    hint on stderr. A run that was FINISHED before this attempt stays FINISHED (the attempt's error:
+    tag ``failed_attempt``). Under DDP/FSDP only global rank zero changes the run
+    (:func:`is_global_zero_process`).
     """
     from hydra.utils import instantiate
 
-    run_id = resume_run_id(cfg.ckpt_path)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    log_cfg = cfg.logger
+    uri = resolve_tracking_uri(log_cfg.get("tracking_uri"), log_cfg.get("default_store", "mlflow.db"))
+    check_tracking_server(uri)
+    prepare_store(uri)
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # mlflow.set_tracking_uri (Lightning calls it) sets it
     try:
-        with _run(cfg, choices, output_dir, run_id, instantiate) as run:
+        with _run(cfg, choices, output_dir, ckpt, uri, instantiate) as run:
             yield run
     finally:  # leave the process as found: a later run in this process resolves its own store
         if env_uri is None:
@@ -261,20 +419,37 @@ def run_lifecycle(cfg, choices: Mapping[str, Any], output_dir: str | Path) -> It
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
 
-@contextmanager
-def _run(cfg, choices, output_dir, run_id, instantiate) -> Iterator[Run]:
-    logger = instantiate(cfg.logger, run_id=run_id)
-    log_cfg = cfg.logger
-    uri = resolve_tracking_uri(log_cfg.get("tracking_uri"), log_cfg.get("default_store", "mlflow.db"))
-    run = Run(logger=logger, tracking_uri=uri, rank_zero=is_global_zero_process())
-    client = logger.experiment if run.rank_zero else None
-    if run.rank_zero and run_id is not None:
-        previous = client.get_run(run_id)
+def _check_resume(cfg, choices, ckpt, client, run_id, instantiate):
+    """The resume checks that read but never change the run; returns it (None: a new run)."""
+    previous = client.get_run(run_id) if run_id is not None else None
+    if previous is not None:
         check_resume_matches(previous.data.tags, run_id, choices, cfg.ckpt_path)
-        run.resumed_status = previous.info.status
-        client.update_run(run_id, status="RUNNING")
-        if "error" in previous.data.tags:  # the stopped attempt's error no longer applies
-            client.delete_tag(run_id, "error")
+    if ckpt is not None:
+        try:
+            model = instantiate(cfg.model)
+        except Exception as err:  # noqa: BLE001 - the body builds it again and fails inside the run
+            log.debug("resume shape check skipped: the model could not be built here (%s)", err)
+        else:
+            changed = changed_options(previous.data.params, cfg) if previous is not None else None
+            check_checkpoint_fits(ckpt, model, cfg.ckpt_path, changed)
+    return previous
+
+
+@contextmanager
+def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
+    run_id = ckpt.get(RUN_ID_KEY) if ckpt is not None else None
+    logger = instantiate(cfg.logger, run_id=run_id)
+    run = Run(logger=logger, tracking_uri=uri, rank_zero=is_global_zero_process())
+    if run.rank_zero:
+        from mlflow.tracking import MlflowClient
+
+        previous = _check_resume(cfg, choices, ckpt, MlflowClient(tracking_uri=uri), run_id, instantiate)
+        client = logger.experiment  # creates the run unless it resumes one
+        if previous is not None:
+            run.resumed_status = previous.info.status
+            client.update_run(run_id, status="RUNNING")
+            if "error" in previous.data.tags:  # the stopped attempt's error no longer applies
+                client.delete_tag(run_id, "error")
     try:
         if run.rank_zero:  # inside try: a config that fails to resolve here still ends the run FAILED
             log_config(logger, cfg, choices, Path(output_dir))

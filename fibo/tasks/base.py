@@ -23,6 +23,10 @@ from torch import nn
 from fibo.tasks.schedule import warmup_cosine
 
 
+class DivergedError(FloatingPointError):
+    """The training loss stopped being finite: the run stops (FAILED), its earlier checkpoints stay."""
+
+
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Names of the parameters that get no weight decay, by timm's rule (biases, 1-d parameters such as
     norms, and the model's ``no_weight_decay()`` patterns: CLS token, position embeddings). Taken
@@ -39,6 +43,11 @@ def _unwrapped_name(name: str) -> str:
 
 class BaseTask(L.LightningModule):
     """A LightningModule around ``model`` (``self.model``) with fibo's optimisation recipe.
+
+    A non-finite training loss (NaN, inf) stops training with :class:`DivergedError` before its
+    backward pass can write NaN into the weights (checked on every process and decided together, so
+    that no DDP process waits for one that stopped); the run ends FAILED with the step in its
+    ``error`` tag, and the checkpoints written before stay.
 
     Args:
         model: the network; its parameter names decide the no-decay groups (decided here, at
@@ -67,6 +76,18 @@ class BaseTask(L.LightningModule):
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.scheduler_factory = scheduler or warmup_cosine
         self._no_decay = no_weight_decay_names(model)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Raises :class:`DivergedError` when ``loss`` is not finite (on any process)."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            step, epoch = (self.trainer.global_step, self.trainer.current_epoch) if self._trainer else (0, 0)
+            raise DivergedError(
+                f"training diverged: the loss is {float(loss.detach().float().mean())} at step {step} (epoch {epoch}), "
+                f"the run stops before this step's update; lower task.lr (now {self.effective_lr:g}) or check the "
+                f"data for NaN/inf values")
 
     @property
     def global_batch_size(self) -> int | None:

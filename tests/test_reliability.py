@@ -1,0 +1,313 @@
+"""Issue #11: concurrent runs, unreachable servers, failed resumes, divergence and bad overrides.
+
+Each test failed before its fix. The concurrency tests start real processes on one store."""
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, mlflow_runs
+
+
+def _env(root: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "FIBO_ROOT")}
+    env.update({"PYTHONUNBUFFERED": "1", **extra})
+    if root is not None:
+        env["FIBO_ROOT"] = str(root)
+    return env
+
+
+def _fibo_run(*args, cwd: Path, env: dict) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("fibo-run")
+    return subprocess.Popen([str(exe), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as con:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+# ---------------------------------------------------------------- 1 + 2: two runs at once on a new store
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_on_a_new_store_both_finish_in_their_own_folders(tmp_path):
+    """Before: both crashed in MLflow's schema migration (leaving _alembic_tmp_* tables), and two
+    runs started in the same second shared logs/runs/<time>/."""
+    procs = [_fibo_run("debug=fast_dev_run", f"seed={s}", cwd=tmp_path, env=_env(tmp_path)) for s in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    assert not {t for t in _tables(tmp_path / "mlflow.db") if t.startswith("_alembic_tmp_")}
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    dirs = sorted(r.data.tags["output_dir"] for r in runs)
+    assert dirs[0] != dirs[1]
+    for d in dirs:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", Path(d).name), d
+        assert (Path(d) / ".hydra" / "config.yaml").is_file()
+
+
+def test_run_folder_suffix_is_fixed_per_process_and_differs_between_processes():
+    from fibo.cli import RUN_SUFFIX
+
+    code = "from fibo.cli import RUN_SUFFIX; print(RUN_SUFFIX)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{6}", RUN_SUFFIX) and re.fullmatch(r"[0-9a-f]{6}", other)
+    assert other != RUN_SUFFIX
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.create({"a": "${fibo.run_suffix:}"}).a == RUN_SUFFIX
+
+
+@pytest.mark.slow
+def test_processes_preparing_a_new_store_at_once_all_succeed(tmp_path):
+    """Plain MLflow clients racing on a new SQLite file crash in alembic; prepare_store serialises them."""
+    db = tmp_path / "new.db"
+    code = ("import sys; from fibo.tracking import prepare_store; from mlflow.tracking import MlflowClient; "
+            f"uri = 'sqlite:///{db}'; prepare_store(uri); print(MlflowClient(uri).create_run('0').info.run_id)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    assert not {t for t in _tables(db) if t.startswith("_alembic_tmp_")}
+    from mlflow.tracking import MlflowClient
+
+    assert len(MlflowClient(f"sqlite:///{db}").search_runs(["0"])) == 3
+
+
+def _store_with_a_run(db: Path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from fibo.tracking import prepare_store
+
+    prepare_store(f"sqlite:///{db}")
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.create_run("0")
+    client.log_param(run.info.run_id, "kept", "yes")
+    return run.info.run_id
+
+
+def test_half_migrated_store_is_repaired_and_keeps_its_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fibo.tracking import prepare_store
+
+    db = tmp_path / "m.db"
+    run_id = _store_with_a_run(db)
+    with sqlite3.connect(db) as con:  # what an interrupted batch migration of `params` leaves
+        con.execute("CREATE TABLE _alembic_tmp_params (key VARCHAR(250), value VARCHAR(8000))")
+    prepare_store(f"sqlite:///{db}")
+    assert "_alembic_tmp_params" not in _tables(db)
+    assert MlflowClient(f"sqlite:///{db}").get_run(run_id).data.params == {"kept": "yes"}
+
+
+def test_half_migrated_new_store_is_recreated(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fibo.tracking import prepare_store
+
+    db = tmp_path / "m.db"
+    prepare_store(f"sqlite:///{db}")
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE _alembic_tmp_x (id INTEGER)")
+    prepare_store(f"sqlite:///{db}")
+    assert "_alembic_tmp_x" not in _tables(db)
+    assert MlflowClient(f"sqlite:///{db}").search_experiments()[0].name == "Default"
+
+
+def test_half_migrated_store_whose_table_is_gone_names_the_fix(tmp_path):
+    from fibo.tracking import TrackingError, prepare_store
+
+    db = tmp_path / "m.db"
+    _store_with_a_run(db)
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE _alembic_tmp_x (id INTEGER)")
+    with pytest.raises(TrackingError) as err:
+        prepare_store(f"sqlite:///{db}")
+    assert str(err.value) == (
+        f"MLflow store {db} was left half-migrated: table _alembic_tmp_x holds what should be table x, which is gone. "
+        f"Back up {db}, then: sqlite3 {db} 'ALTER TABLE _alembic_tmp_x RENAME TO x' && mlflow db upgrade sqlite:///{db}")
+
+
+# ---------------------------------------------------------------- 3: unreachable server
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri():
+    from fibo.tracking import TrackingError, check_tracking_server
+
+    start = time.perf_counter()
+    with pytest.raises(TrackingError) as err:
+        check_tracking_server("http://127.0.0.1:1", timeout_s=5)
+    assert time.perf_counter() - start < 20
+    assert str(err.value).startswith(
+        "MLflow tracking server http://127.0.0.1:1 is unreachable ([Errno 111] Connection refused, probed "
+        "http://127.0.0.1:1/health for 5 s): start it (mlflow server --backend-store-uri sqlite:///mlflow.db "
+        "--host <host> --port <port>) or set MLFLOW_TRACKING_URI / logger.tracking_uri to a server that runs")
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT" in str(err.value)
+    check_tracking_server("sqlite:///nowhere.db")  # not a server: not probed
+
+
+@pytest.mark.slow
+def test_fibo_run_with_an_unreachable_server_stops_with_one_line(tmp_path):
+    """Before: fibo-run hung (MLflow retries for minutes)."""
+    start = time.perf_counter()
+    proc = _fibo_run("debug=fast_dev_run", cwd=tmp_path, env=_env(tmp_path, MLFLOW_TRACKING_URI="http://127.0.0.1:1"))
+    _, err = proc.communicate(timeout=300)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 1
+    assert "fibo.tracking.TrackingError: MLflow tracking server http://127.0.0.1:1 is unreachable" in err
+    assert elapsed < 120, elapsed  # imports (lightning) dominate on a busy 2-core machine; the probe takes ms
+
+
+# ---------------------------------------------------------------- 4: incompatible resume
+
+
+def _lifecycle_cfg(tmp_path, *overrides, debug="fast_dev_run"):
+    from omegaconf import open_dict
+    from test_config import compose_cfg
+
+    cfg = compose_cfg(tmp_path, [f"debug={debug}", *overrides])
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def test_incompatible_resume_is_refused_before_the_run_is_touched(tmp_path):
+    """Before: a raw 'size mismatch' from load_state_dict, and the FINISHED run turned FAILED."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    from fibo.tracking import RUN_ID_KEY, run_lifecycle
+
+    cfg = _lifecycle_cfg(tmp_path)
+    choices = dict(HydraConfig.get().runtime.choices)
+    with run_lifecycle(cfg, choices, tmp_path / "out") as run:
+        run_id = run.run_id
+    state = {f"model.{k}": v for k, v in instantiate(cfg.model).state_dict().items()}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({RUN_ID_KEY: run_id, "state_dict": state}, ckpt)
+    cfg = _lifecycle_cfg(tmp_path, "data.img_size=32", f"ckpt_path={ckpt}")
+    with pytest.raises(ValueError) as err, run_lifecycle(cfg, choices, tmp_path / "out"):
+        pass
+    assert str(err.value) == (
+        f"ckpt_path={ckpt} does not fit the model as configured: pos_embed is [1, 65, 96] in the checkpoint but "
+        f"[1, 257, 96] now (options changed since the run: data.img_size: 16 -> 32; model.img_size: 16 -> 32); "
+        f"resume with the run's options, or start a new run without ckpt_path")
+    client, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert [(r.info.status, "failed_attempt" in r.data.tags) for r in runs] == [("FINISHED", False)]
+
+    foreign = tmp_path / "foreign.ckpt"  # no MLflow run: the likely options are named, no run is created
+    torch.save({"state_dict": state}, foreign)
+    cfg = _lifecycle_cfg(tmp_path, "data.img_size=32", f"ckpt_path={foreign}")
+    with pytest.raises(ValueError, match=r"pos_embed is \[1, 65, 96\] in the checkpoint but \[1, 257, 96\] now "
+                                         r"\(likely changed: an option that sets the model's sizes \(data.img_size"):
+        with run_lifecycle(cfg, choices, tmp_path / "out"):
+            pass
+    assert len(mlflow_runs(tmp_path, "fibo-debug")[1]) == 1
+
+
+# ---------------------------------------------------------------- 5: divergence
+
+
+from fibo.tasks.image import ImageClassifier  # noqa: E402
+
+
+class NaNFromStep(ImageClassifier):
+    """The image task whose loss turns NaN from optimizer step ``nan_from_step`` on (for the test)."""
+
+    def __init__(self, *args, nan_from_step: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nan_from_step = nan_from_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= self.nan_from_step else loss
+
+
+def test_divergence_stops_the_run_failed_and_keeps_earlier_checkpoints(tmp_path):
+    """Before: NaN losses trained on and the run ended FINISHED with an accuracy."""
+    from fibo.cli import train
+    from fibo.tasks.base import DivergedError
+
+    cfg = _lifecycle_cfg(tmp_path, "task._target_=test_reliability.NaNFromStep", "+task.nan_from_step=7", debug="short")
+    with pytest.raises(DivergedError) as err:
+        train(cfg)
+    assert str(err.value) == ("training diverged: the loss is nan at step 7 (epoch 1), the run stops before this "
+                              "step's update; lower task.lr (now 0.001) or check the data for NaN/inf values")
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["error"] == f"DivergedError: {err.value}"
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").glob("*.ckpt")], "epoch 0's checkpoints are gone"
+    assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
+
+
+# ---------------------------------------------------------------- 7: hydra.job.chdir=true
+
+
+def test_command_line_paths_resolve_against_the_launch_directory(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fibo.cli import absolute_cli_paths
+
+    cfg = OmegaConf.create({"data": {"root": "imgs", "train_list": "a/train.txt", "img_size": 16, "name": "x"},
+                            "ckpt_path": "runs/last.ckpt", "paths": {"root_dir": "/abs"}})
+    overrides = ["data.root=imgs", "data.train_list=a/train.txt", "data.name=x", "ckpt_path=runs/last.ckpt",
+                 "paths.root_dir=/abs", "data=imagefolder"]
+    absolute_cli_paths(cfg, overrides, str(tmp_path))
+    assert cfg.data.root == str(tmp_path / "imgs") and cfg.data.train_list == str(tmp_path / "a" / "train.txt")
+    assert cfg.ckpt_path == str(tmp_path / "runs" / "last.ckpt")
+    assert cfg.data.name == "x" and cfg.paths.root_dir == "/abs"
+
+
+def _image_folder(root: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / label / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_chdir_true_keeps_relative_data_paths_and_the_default_store(tmp_path):
+    """Before: '<run dir>/imgs/train not found', and the MLflow store moved into each run's folder."""
+    _image_folder(tmp_path / "imgs")
+    proc = _fibo_run("hydra.job.chdir=true", "debug=fast_dev_run", "data=imagefolder", "data.root=imgs",
+                     "data.num_classes=2", "data.img_size=16", "data.patch_size=4", "data.batch_size=4",
+                     "data.num_workers=0", cwd=tmp_path, env=_env(None))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"tracking URI: sqlite:///{tmp_path / 'mlflow.db'}" in out
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["data/root"] == str(tmp_path / "imgs")
+    assert not list((tmp_path / "logs").rglob("mlflow.db"))
+
+
+# ---------------------------------------------------------------- 8: dot-override of a config group
+
+
+def test_dot_override_of_a_config_group_names_the_group_choice():
+    from fibo.cli import check_overrides
+
+    with pytest.raises(ValueError) as err:
+        check_overrides(["seed=1", "model.attention=dense"])
+    assert str(err.value) == ("model.attention=dense sets model.attention to the string 'dense', but attention is a "
+                              "config group: choose it with attention=dense (no dot)")
+    with pytest.raises(ValueError) as err:
+        check_overrides(["model.data=nope"])
+    assert str(err.value).startswith("model.data=nope sets model.data to the string 'nope', but data is a config "
+                                     "group: choose it with data=<cifar10|cifar100|digits|")
+    check_overrides(["attention=dense", "model.drop_path_rate=0.1", "callbacks.rollout=null", "data.img_size=32"])
