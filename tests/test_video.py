@@ -319,6 +319,36 @@ def test_short_videos_padded_with_their_last_frame(tmp_path, cache_frames):
     assert torch.allclose(levels, expected, atol=3), levels
 
 
+@pytest.mark.parametrize("num_workers, batch_size", [(0, 2), (2, 3)])
+def test_unreadable_test_video_is_left_out_not_scored_as_another(small_set, tmp_path, num_workers, batch_size):
+    """A test video that passed the probe but cannot be decoded when its clips are loaded (overwritten
+    after setup) is left out of every batch -- never returned under another video's index, which gave
+    that video extra views -- and counted in data/skipped_videos, also when it fails in a worker process."""
+    from collections import Counter
+
+    classes = ["down", "left", "right", "up"]
+    videos = sorted((small_set / "test").rglob("*.mp4"))  # one per class
+    for i, src in enumerate(videos):
+        shutil.copy(src, tmp_path / f"v{i}.mp4")
+    lst = tmp_path / "test.txt"
+    lst.write_text("".join(f"v{i}.mp4 {classes.index(src.parent.name)}\n" for i, src in enumerate(videos)))
+    dm = video_dm(train_list=str(lst), val_list=str(lst), test_list=str(lst), test_clips=2, batch_size=batch_size,
+                  num_workers=num_workers)
+    dm.setup()
+    (tmp_path / "v1.mp4").write_bytes(b"not a video" * 50)
+    views, labels = Counter(), {}
+    for _, y, index in dm.test_dataloader():
+        for vid, label in zip(index.tolist(), y.tolist()):
+            views[vid] += 1
+            labels[vid] = label
+    assert views == {0: 2, 2: 2, 3: 2}
+    assert labels == {i: classes.index(videos[i].parent.name) for i in (0, 2, 3)}
+    report = dm.report()
+    assert report.metrics["data/skipped_videos"] == 1
+    rows = report.texts["data/skipped_videos.tsv"].splitlines()
+    assert len(rows) == 1 and rows[0].startswith(f"{tmp_path / 'v1.mp4'}\tfailed to decode a clip (")
+
+
 def test_split_with_no_usable_video_says_why(bad_videos):
     lst, _ = bad_videos
     only_short = [line for line in lst.read_text().splitlines() if line.split()[0].endswith("short.mp4")]

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fibo.data.report import DataReport
 from fibo.data.subset import resolve_train_samples, stratified_subset
@@ -37,6 +37,43 @@ log = logging.getLogger(__name__)
 ON_BAD_VIDEO = ("skip", "error")
 
 
+class Unreadable(NamedTuple):
+    """What :class:`VideoClipDataset` returns for a view that failed to decode (``on_bad_video=skip``):
+    :class:`ClipLoader` leaves it out of the batch and records it in the main process."""
+
+    path: str
+    reason: str
+
+
+def collate_clips(items: list) -> tuple[list | None, list[Unreadable]]:
+    """``default_collate`` of the decoded views (``None`` if none decoded) and the :class:`Unreadable` ones."""
+    good = [item for item in items if not isinstance(item, Unreadable)]
+    return (default_collate(good) if good else None), [item for item in items if isinstance(item, Unreadable)]
+
+
+class ClipLoader(DataLoader):
+    """A DataLoader of :class:`VideoClipDataset` whose batches leave out the views that failed to decode,
+    so that an unreadable video is never scored (nor trained on) under another video's index. The
+    failures are recorded in ``failures`` (path -> reason) by the main process, as they arrive with
+    the batches: decode failures inside worker processes (``num_workers > 0``) are counted too.
+
+    Batches are ``(clips, labels, video_index)`` as from a plain DataLoader; a batch whose views all
+    failed is skipped (so an epoch may have fewer batches than ``len(loader)``).
+    """
+
+    def __init__(self, *args: Any, failures: dict[str, str] | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("collate_fn", collate_clips)
+        super().__init__(*args, **kwargs)
+        self.failures = {} if failures is None else failures
+
+    def __iter__(self):
+        for batch, failed in super().__iter__():
+            for item in failed:
+                self.failures.setdefault(item.path, item.reason)
+            if batch is not None:
+                yield batch
+
+
 class VideoClipDataset(Dataset):
     """Map-style dataset of clips. Item ``i`` = video ``i // views``, view ``i % views``.
 
@@ -49,8 +86,8 @@ class VideoClipDataset(Dataset):
         mean, std: per-channel normalisation of [0, 1] pixel values.
         hflip: probability of a horizontal flip in training (0 for direction-defined classes).
         scale: area range of the training random resized crop.
-        on_bad_video: ``skip`` (log, count, use the next video) or ``error`` (raise) when a video
-            fails to decode here despite the probe.
+        on_bad_video: ``skip`` (log and return :class:`Unreadable`, which :class:`ClipLoader` leaves out
+            and counts) or ``error`` (raise) when a video fails to decode here despite the probe.
         pad_short_videos: a video shorter than a clip repeats its last frame (frame indices clamped,
             as SlowFast/TimeSformer's ``temporal_sampling``) instead of being resampled.
         frames: optional decoded videos (uint8 ``(C, T, H, W)`` per sample) to slice clips from
@@ -71,7 +108,6 @@ class VideoClipDataset(Dataset):
         self.std = torch.tensor(std).view(-1, 1, 1, 1)
         self.hflip, self.scale, self.on_bad_video = hflip, tuple(scale), on_bad_video
         self.pad_short_videos = pad_short_videos
-        self.runtime_failures: list[str] = []
 
     def __len__(self) -> int:
         return len(self.samples) * self.clips * self.crops
@@ -120,20 +156,18 @@ class VideoClipDataset(Dataset):
         return (clip - self.mean) / self.std
 
     def __getitem__(self, i: int):
-        views = self.clips * self.crops
-        for attempt in range(len(self.samples)):
-            video_idx = (i // views + attempt) % len(self.samples)
-            clip_idx, crop_idx = divmod(i % views, self.crops)
-            try:
-                clip = self._load(video_idx, clip_idx, crop_idx)
-                return clip, self.samples[video_idx][1], video_idx
-            except Exception as err:  # noqa: BLE001 - decoding errors come in many types
-                path = self.samples[video_idx][0]
-                if self.on_bad_video == "error":
-                    raise BadVideoError(path, f"failed to decode a clip ({err}); fix or remove the file, or set data.on_bad_video=skip") from err
-                log.warning("skipping %s: failed to decode a clip (%s)", path, err)
-                self.runtime_failures.append(str(path))
-        raise RuntimeError("no video of this split could be decoded")
+        """``(clip, label, video_index)``, or :class:`Unreadable` when the view fails to decode and
+        ``on_bad_video`` is ``skip`` (never another video's clip: scores stay per video)."""
+        video_idx, view = divmod(i, self.clips * self.crops)
+        clip_idx, crop_idx = divmod(view, self.crops)
+        try:
+            return self._load(video_idx, clip_idx, crop_idx), self.samples[video_idx][1], video_idx
+        except Exception as err:  # noqa: BLE001 - decoding errors come in many types
+            path = self.samples[video_idx][0]
+            if self.on_bad_video == "error":
+                raise BadVideoError(path, f"failed to decode a clip ({err}); fix or remove the file, or set data.on_bad_video=skip") from err
+            log.warning("skipping %s: failed to decode a clip (%s)", path, err)
+            return Unreadable(str(path), f"failed to decode a clip ({type(err).__name__}: {err})")
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -203,6 +237,7 @@ class VideoDataModule(L.LightningDataModule):
         self.train_samples, self.split_seed = train_samples, split_seed
         self.padded_videos: list[str] = []
         self.skipped_videos: list[tuple[str, str]] = []
+        self.decode_failures: dict[str, str] = {}  # path -> reason, filled by the loaders (ClipLoader)
         self.datasets: dict[str, VideoClipDataset] = {}
 
     def prepare_data(self) -> None:
@@ -293,8 +328,9 @@ class VideoDataModule(L.LightningDataModule):
                      len(self.padded_videos), (self.num_frames - 1) * self.sampling_rate + 1)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ClipLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          failures=self.decode_failures)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -306,14 +342,13 @@ class VideoDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
     def report(self) -> DataReport:
-        """Counts (videos per split, videos left out as unusable, padded videos) and the list of
-        left-out videos as ``data/skipped_videos.tsv`` (path, reason)."""
+        """Counts (videos per split, videos left out as unusable at setup or when a clip failed to
+        decode in a loader, padded videos) and the list of left-out videos as
+        ``data/skipped_videos.tsv`` (path, reason)."""
         metrics: dict[str, float] = {f"data/{k}_videos": len(v.samples) for k, v in self.datasets.items()}
         if "train" in self.datasets:
             metrics["data/train_samples"] = len(self.datasets["train"].samples)
-        skipped = list(self.skipped_videos)
-        for d in self.datasets.values():
-            skipped += [(path, "failed to decode a clip") for path in d.runtime_failures]
+        skipped = list(self.skipped_videos) + list(self.decode_failures.items())
         metrics["data/skipped_videos"] = len(skipped)
         metrics["data/padded_videos"] = len(self.padded_videos)
         texts = {"data/skipped_videos.tsv": "".join(f"{p}\t{r}\n" for p, r in skipped)} if skipped else {}
