@@ -92,20 +92,23 @@ def test_zero_score_semantics_equal_reference_formula():
     assert (sparse(x) - out).abs().max() > 1e-3
 
 
-def test_mask_built_once_per_size_and_device(monkeypatch):
-    layer = Attention(24, num_heads=3, attention={"name": "fibottention"})
+@pytest.mark.parametrize("backend, built", [("sdpa", "mask"), ("sparse", "table")])
+def test_mask_built_once_per_size_and_device(monkeypatch, backend, built):
+    from fibo.attention.patterns.base import OffsetLayout
+
+    layer = Attention(24, num_heads=3, attention={"name": "fibottention", "backend": backend})
     calls = []
-    original = AttentionSpec.mask
+    original = getattr(OffsetLayout, built)
 
     def counting(self, *a, **k):
-        calls.append(a)
+        calls.append(self.num_tokens)
         return original(self, *a, **k)
 
-    monkeypatch.setattr(AttentionSpec, "mask", counting)
+    monkeypatch.setattr(OffsetLayout, built, counting)
     for _ in range(3):
         layer(torch.randn(2, 17, 24))
     layer(torch.randn(2, 26, 24))
-    assert len(calls) == 2, calls
+    assert calls == [16, 25], calls
 
 
 def test_density_reports_mask_actually_used():
@@ -144,17 +147,16 @@ def test_math_reference_backend_matches_sdpa():
 ])
 @pytest.mark.parametrize("prefix", [0, 1])
 def test_density_without_a_mask_equals_the_mask_count(monkeypatch, name, options, prefix):
-    """Offset patterns count their index table built from the offsets (forced here at small N), never an
-    (H, L, L) mask; the numbers equal the mask's own count, CLS or not, in every layer."""
+    """Offset patterns count their entries in closed form from the offsets, never from an (H, L, L) mask
+    or a table; the numbers equal the mask's own count, CLS or not, in every layer."""
     from fibo.attention.patterns import mask_density
 
     for n, heads, depth in [(10, 1, 0), (49, 4, 1), (196, 6, 3)]:
-        monkeypatch.setattr(Attention, "TABLE_FROM_MASK_MAX", 0)
         layer = Attention(heads * 4, num_heads=heads, attention={"name": name, **options}, layer_index=depth,
                           num_prefix_tokens=prefix)
         got = layer.density(n)
         if name not in ("bigbird", "random"):
-            assert layer._masks == {}, "density built a dense mask"
+            assert [key[0] for key in layer._cache] == ["layout"], "density built a mask or a table"
         want = mask_density(layer.spec.mask(n, heads, depth, cls_token=bool(prefix)), cls_token=bool(prefix))
         assert got["density"] == pytest.approx(want["density"], abs=1e-6)
         assert got["density_patch"] == pytest.approx(want["density_patch"], abs=1e-6)
@@ -164,5 +166,28 @@ def test_density_at_high_resolution_keeps_no_mask():
     """ViT-S at 1792 px (N=12544): before, asking the density cached a 1.9 GB mask per layer."""
     layer = Attention(384, num_heads=6, attention={"name": "fibottention"}, layer_index=2)
     d = layer.density(12544)
-    assert layer._masks == {}
+    assert [key[0] for key in layer._cache] == ["layout"]
     assert 0.0 < d["density_patch"] < d["density"] < 0.01
+
+
+@pytest.mark.parametrize("config, prefix", [({"name": "fibottention"}, 1), ({"name": "fibottention", "modified": True}, 0),
+                                            ({"name": "bigbird"}, 1), ({"name": "longformer", "window": 2}, 0)])
+def test_attention_flops_count_the_entries_of_the_mask(config, prefix):
+    """flops = entries x head_dim x 2 products x 2 (multiply-add); dense: H L^2 entries."""
+    layer = Attention(48, num_heads=6, attention=config, layer_index=1, num_prefix_tokens=prefix)
+    n = 49
+    L = n + prefix
+    got = layer.attention_flops(n)
+    entries = int(layer.spec.mask(n, 6, 1, cls_token=bool(prefix)).sum())
+    assert got == {"entries": entries, "entries_dense": 6 * L * L, "flops": entries * 8 * 4, "flops_dense": 6 * L * L * 8 * 4}
+    assert Attention(48, num_heads=6).attention_flops(n)["flops"] == 6 * (n + 1) ** 2 * 8 * 4
+    zero = Attention(48, num_heads=6, attention=config | {"mask_semantics": "zero_score"}, num_prefix_tokens=prefix)
+    assert zero.attention_flops(n)["entries"] == 6 * L * L  # every entry enters the softmax
+
+
+def test_flops_at_high_resolution_from_the_offsets():
+    """N=12544 (ViT-S at 1792 px): counted from the offsets, equal to the index table's nnz."""
+    layer = Attention(384, num_heads=6, attention={"name": "fibottention"}, layer_index=2)
+    flops = layer.attention_flops(12544)
+    assert flops["entries"] == layer.layout(12544).table().nnz
+    assert flops["flops"] == flops["entries"] * 64 * 4 < 0.01 * flops["flops_dense"]

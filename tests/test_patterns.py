@@ -5,14 +5,19 @@ import random
 import pytest
 import torch
 
+from fibo.attention import Attention, AttentionSpec
 from fibo.attention.patterns import (
-    fibottention_mask,
+    Fibottention,
     fibottention_offsets,
     fibottention_windows,
     head_permutation,
     mask_density,
     wythoff_pair,
 )
+
+
+def fibottention_mask(num_tokens, num_heads, depth=0, cls_token=True, **options):
+    return Fibottention(**options).mask(num_tokens, num_heads, depth, cls_token)
 
 
 def test_wythoff_rows():
@@ -86,9 +91,12 @@ def test_small_n_raises_w_max_to_w_min_and_drops_out_of_range_offsets():
     assert fibottention_windows(9, 3) == [5, 5, 5]
     offs = fibottention_offsets(9, 3)
     assert offs == [[1, 2, 3, 5], [4], [6]]  # the reference keeps [a_i] even when a_i > w_i
-    # N = 4: offset 5 >= N connects nothing; head 3's only offset (6) connects nothing at all
-    mask = fibottention_mask(4, 3, permute_heads_per_layer=False, cls_token=False)
-    assert not mask[2].any()
+    # N = 4: offset 5 >= N connects nothing; head 3's only offset (6) connects nothing at all, so
+    # every row of head 3 is left empty and attends only itself (the empty-row rule, without CLS)
+    layout = Fibottention(permute_heads_per_layer=False).layout(4, 3, cls_token=False)
+    assert layout.distances[2] == [] and layout.self_rows[2].all()
+    mask = layout.mask()
+    assert torch.equal(mask[2], torch.eye(4, dtype=torch.bool))
     assert mask[0].sum() == sum(1 for q in range(4) for k in range(4) if abs(q - k) in {1, 2, 3})
 
 
@@ -106,3 +114,32 @@ def test_global_rng_untouched():
 def test_bad_sizes(bad):
     with pytest.raises(ValueError, match="must be >= 1"):
         fibottention_offsets(**bad)
+
+
+def test_shared_offsets_ablation_all_heads_equal(golden_cases):
+    """shared_offsets=true (the paper's diversity ablation): every head of a layer uses head 0's offset
+    set; with the per-layer permutation that set is head_permutation(H, depth)[0], without it set 0."""
+    case = next(c for c in golden_cases if c["num_heads"] == 6 and not c["modified"])
+    offsets = [x["offsets"] for x in case["heads"]]
+    for depth in (1, 2):
+        perm = case["head_permutation_by_depth"][str(depth)]
+        shared = Fibottention(shared_offsets=True).layout(196, 6, depth)
+        assert shared.head_offsets == [offsets[perm[0]]] * 6
+        mask = shared.mask()
+        assert all(torch.equal(mask[0], mask[h]) for h in range(1, 6))
+        per_head = Fibottention().mask(196, 6, depth)
+        assert not any(torch.equal(per_head[0], per_head[h]) for h in range(1, 6))
+        assert torch.equal(mask[0], per_head[0])  # head 0 keeps its own set
+    fixed = Fibottention(shared_offsets=True, permute_heads_per_layer=False)
+    assert fixed.layout(196, 6, 1).head_offsets == [offsets[0]] * 6 == fixed.layout(196, 6, 2).head_offsets
+    # the layer's density is that one set's: here head 1's [1, 2, 3, 5] (window w_min = 5)
+    layer = Attention(48, num_heads=6, attention={"name": "fibottention", "shared_offsets": True,
+                                                  "permute_heads_per_layer": False})
+    assert layer.density(196)["density_patch"] == pytest.approx(2 * (4 * 196 - 11) / 196**2)
+    with pytest.raises(ValueError, match=r"^attention.shared_offsets='yes' must be true or false \(attention=fibottention\)$"):
+        AttentionSpec.parse({"name": "fibottention", "shared_offsets": "yes"})
+
+
+def test_shared_offsets_default_is_off_and_leaves_golden_masks():
+    assert Fibottention().options["shared_offsets"] is False
+    assert torch.equal(Fibottention(shared_offsets=False).mask(196, 12, 3), Fibottention().mask(196, 12, 3))

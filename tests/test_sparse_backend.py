@@ -12,11 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fibo.attention import Attention, AttentionSpec
-from fibo.attention import backends, sparse
-from fibo.attention.sparse import index_table, sparse_attention, table_from_mask, table_from_offsets
+from fibo.attention import PATTERNS, Attention, AttentionSpec
+from fibo.attention import backends
+from fibo.attention.backends import cpu_sparse
+from fibo.attention.backends.cpu_sparse import sparse_attention
+from fibo.attention.patterns.base import OffsetLayout
 
 FP32 = dict(atol=2e-5, rtol=1e-4)
+
+
+def index_table(name, options, N, H, depth, cls_token):
+    return PATTERNS[name](**options).layout(N, H, depth, cls_token).table()
 
 
 def golden_specs(golden_cases):
@@ -68,7 +74,7 @@ def test_golden_density_from_table(golden_cases):
 
 def test_modified_head_with_offset_zero_and_duplicates():
     # offsets [0, 1, 1, 2, 3, 5]: token 10 attends 5, 7, 8, 9, 10 (itself once), 11, 12, 13, 15
-    table = table_from_offsets([[0, 1, 1, 2, 3, 5]], 30, cls_token=True)
+    table = OffsetLayout([[0, 1, 1, 2, 3, 5]], 30, cls_token=True).table()
     row = table.cols[table.row_ptr[11]:table.row_ptr[12]].tolist()  # L-index 11 = patch 10
     assert row == [0, 6, 8, 9, 10, 11, 12, 13, 14, 16]
     assert table.cols[table.row_ptr[0]:table.row_ptr[1]].tolist() == list(range(31))  # CLS row dense
@@ -122,11 +128,11 @@ def test_large_n_table_never_builds_a_dense_mask(monkeypatch):
 
     layer = Attention(48, num_heads=12, attention={"name": "fibottention", "backend": "sparse"}, layer_index=3)
     n = 1000  # 12 * 1001^2 mask entries > Attention.TABLE_FROM_MASK_MAX
-    monkeypatch.setattr(AttentionSpec, "mask", no_mask)
+    monkeypatch.setattr(OffsetLayout, "mask", no_mask)
     x = torch.randn(1, n + 1, 48)
     out = layer(x)
-    table = layer.get_index_table(n)
-    assert table is layer.get_index_table(n)  # cached
+    table = backends.SPARSE.prepare(layer, n, torch.device("cpu"))
+    assert table is backends.SPARSE.prepare(layer, n, torch.device("cpu"))  # cached on the layer
     monkeypatch.undo()
     ref_layer = Attention(48, num_heads=12, attention={"name": "fibottention", "backend": "sdpa"}, layer_index=3)
     ref_layer.load_state_dict(layer.state_dict())
@@ -160,18 +166,51 @@ def test_auto_rule():
     assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=f32, dense=True) == "sdpa"
     assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=torch.bfloat16) == "sdpa"
     assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=f32, dropout_p=0.1) == "sdpa"
+    assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=f32, requires_grad=True) == "sparse"
     cuda = torch.device("cuda")
     assert backends.resolve_backend("auto", device=cuda, num_tokens=196, dtype=f32) == "sdpa"
     assert backends.resolve_backend("auto", device=cuda, num_tokens=3136, dtype=f32) == "flex"
-    assert backends.resolve_backend("sparse", device=cuda, num_tokens=196, dtype=f32) == "flex"
-    assert backends.resolve_backend("flex", device=cpu, num_tokens=196, dtype=f32) == "flex"
-    with pytest.raises(ValueError, match=r"attention.backend='fast' is not one of \['auto', 'sdpa', 'sparse', 'flex'\]"):
+    assert backends.resolve_backend("auto", device=cuda, num_tokens=3136, dtype=f32, dropout_p=0.1) == "sdpa"
+    assert backends.resolve_backend("flex", device=cpu, num_tokens=196, dtype=f32) == "flex"  # forward only
+    assert backends.resolve_backend("sparse", device=cpu, num_tokens=196, dtype=f32, dense=True) == "sdpa"
+    assert backends.resolve_backend("reference", device=cuda, num_tokens=196, dtype=f32) == "reference"
+    with pytest.raises(ValueError, match=r"attention.backend='fast' is not one of \['auto', 'sdpa', 'sparse', 'flex', 'reference'\]"):
         AttentionSpec.parse({"name": "fibottention", "backend": "fast"})
 
 
+def test_explicit_backend_that_cannot_run_raises_one_line():
+    cpu, cuda, f32 = torch.device("cpu"), torch.device("cuda"), torch.float32
+    with pytest.raises(ValueError, match=r"^attention.backend=sparse cannot run this call: the fused kernel runs on the CPU "
+                                         r"only, got cuda; use attention.backend=flex or auto$"):
+        backends.resolve_backend("sparse", device=cuda, num_tokens=196, dtype=f32)
+    with pytest.raises(ValueError, match=r"^attention.backend=sparse cannot run this call: the fused kernel computes in "
+                                         r"float32/float64, got torch.bfloat16; use attention.backend=auto \(or sdpa\)$"):
+        backends.resolve_backend("sparse", device=cpu, num_tokens=196, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^attention.backend=flex cannot run this call: FlexAttention has no backward on the "
+                                         r"CPU \(PyTorch raises NotImplementedError\); to train on the CPU use "
+                                         r"attention.backend=sparse or auto"):
+        backends.resolve_backend("flex", device=cpu, num_tokens=196, dtype=f32, requires_grad=True)
+    call = backends.AttentionCall(cpu, f32, 196)
+    with pytest.raises(ValueError, match=r"^attention.backend=sparse cannot run this call: it computes "
+                                         r"mask_semantics=neg_inf, not zero_score; use attention.backend=auto$"):
+        backends.choose_backend("sparse", call, "zero_score")
+    assert backends.choose_backend("auto", call, "zero_score") is backends.ZERO_SCORE
+
+
+def test_flex_training_on_the_cpu_fails_at_the_first_forward():
+    """Before: a NotImplementedError from inside torch's flex_attention; now one line at the first forward."""
+    layer = Attention(32, num_heads=4, attention={"name": "fibottention", "backend": "flex"})
+    x = torch.randn(2, 51, 32)
+    with pytest.raises(ValueError, match=r"^attention.backend=flex cannot run this call: FlexAttention has no backward on the CPU"):
+        layer(x)
+    assert layer._cache == {}  # refused before anything was built
+    with torch.no_grad():
+        assert layer(x).shape == (2, 51, 32)  # forward-only use stays possible
+
+
 def test_failed_build_falls_back_to_sdpa_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(sparse, "_EXT", None)
-    monkeypatch.setattr(sparse, "_EXT_ERROR", None)
+    monkeypatch.setattr(cpu_sparse.KERNEL, "module", None)
+    monkeypatch.setattr(cpu_sparse.KERNEL, "error", None)
     monkeypatch.setenv("FIBO_DISABLE_SPARSE_EXT", "1")
     layer = Attention(24, num_heads=3, attention={"name": "fibottention"})
     with caplog.at_level(logging.WARNING):
@@ -179,7 +218,10 @@ def test_failed_build_falls_back_to_sdpa_with_a_warning(monkeypatch, caplog):
         out = layer(torch.randn(2, 21, 24))  # trains on: sdpa
     assert "falling back" in caplog.text or "using sdpa" in caplog.text
     assert out.shape == (2, 21, 24) and torch.isfinite(out).all()
-    assert ("table", 20) not in layer._tables
+    assert ("table", 20) not in layer._cache
+    with pytest.raises(ValueError, match=r"^attention.backend=sparse cannot run this call: the C\+\+ kernel could not be "
+                                         r"built \(RuntimeError: disabled by FIBO_DISABLE_SPARSE_EXT\); use attention.backend=auto"):
+        Attention(24, num_heads=3, attention={"name": "fibottention", "backend": "sparse"})(torch.randn(2, 21, 24))
 
 
 # ------------------------------------------------------------------ FlexAttention (CPU: forward only)
@@ -189,12 +231,12 @@ flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
 @pytest.mark.parametrize("cls_token", [True, False], ids=["cls", "nocls"])
 def test_flex_mask_mod_is_the_mask_on_golden_patterns(golden_cases, cls_token):
-    from fibo.attention.flex import flex_block_mask
+    from fibo.attention.backends.flex import block_mask
 
     for case, cfg in golden_specs(golden_cases):
         N, H = case["num_patch_tokens"], case["num_heads"]
         spec = AttentionSpec.parse(cfg)
-        bm = flex_block_mask("fibottention", spec.options, N, H, 1, cls_token, "cpu")
+        bm = block_mask(spec.pattern.layout(N, H, 1, cls_token), "cpu")
         dense = flex.create_mask(bm.mask_mod, None, H, N + cls_token, N + cls_token, device="cpu")
         assert torch.equal(dense[0], spec.mask(N, H, 1, cls_token=cls_token))
 
@@ -202,11 +244,12 @@ def test_flex_mask_mod_is_the_mask_on_golden_patterns(golden_cases, cls_token):
 @pytest.mark.parametrize("N,H,B,cls_token,modified", [(196, 12, 2, True, False), (196, 3, 1, False, True),
                                                       (131, 1, 1, True, True), (10, 3, 2, False, False)])
 def test_flex_forward_matches_sdpa(N, H, B, cls_token, modified):
-    from fibo.attention.flex import flex_attention, flex_block_mask
+    from fibo.attention.backends.flex import block_mask, flex_attention
 
     opts = {"modified": modified, "permute_heads_per_layer": N != 10}
-    mask = AttentionSpec.parse({"name": "fibottention", **opts}).mask(N, H, 0, cls_token=cls_token)
-    bm = flex_block_mask("fibottention", opts, N, H, 0, cls_token, "cpu")
+    spec = AttentionSpec.parse({"name": "fibottention", **opts})
+    mask = spec.mask(N, H, 0, cls_token=cls_token)
+    bm = block_mask(spec.pattern.layout(N, H, 0, cls_token), "cpu")
     q, k, v = (t.detach() for t in qkv(B, H, N + cls_token, 16))
     out = flex_attention(q, k, v, bm)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **FP32)
@@ -220,4 +263,4 @@ def test_layer_flex_backend_forward():
     x = torch.randn(2, 1 + 150, 32)
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), **FP32)
-    assert ("flex", 150, torch.device("cpu")) in a._tables
+    assert ("block_mask", 150, torch.device("cpu")) in a._cache

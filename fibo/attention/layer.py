@@ -2,22 +2,21 @@
 
 A drop-in for :class:`timm.layers.Attention` (same constructor keywords, same parameter names
 ``qkv`` and ``proj``, so timm ViT weights load) whose pattern comes from an :class:`AttentionSpec`.
-Masks, index tables and block masks are built once per (number of tokens, device) and cached on the
-module, never per step. ``attention.backend`` chooses how ``neg_inf`` attention is computed (dense
-mask + SDPA, the fused sparse CPU kernel or FlexAttention; see
-:func:`fibo.attention.backends.resolve_backend`); ``zero_score`` always takes its explicit path.
+The module owns the only cache: the pattern's layout per N, and what backends prepare from it (masks,
+index tables, block masks) per (kind, N, device); nothing is built per step. The backend of each
+call is :func:`fibo.attention.backends.choose_backend`'s choice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from fibo.attention.backends import resolve_backend, sdpa, zero_score
-from fibo.attention.patterns import mask_density
+from fibo.attention.backends import AttentionCall, Backend, choose_backend
+from fibo.attention.patterns.base import Layout
 from fibo.attention.spec import AttentionSpec
 
 
@@ -36,6 +35,10 @@ class Attention(nn.Module):
             ``scale_norm`` must be falsy).
 
     Shapes: ``forward(x)`` takes ``(B, L, C)`` with ``L = num_prefix_tokens + N`` and returns ``(B, L, C)``.
+
+    Raises:
+        ValueError: bad sizes or config; at the first forward, an explicit ``attention.backend`` that
+            cannot run the call (e.g. ``flex`` while training on the CPU), naming the fix.
     """
 
     def __init__(
@@ -67,81 +70,67 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._tables: dict[Any, Any] = {}  # index tables (CPU) and flex block masks, per (kind, N, device)
+        self._cache: dict[tuple, Any] = {}
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.spec.options.items())
         return f"heads={self.num_heads}, pattern={self.spec.name}({opts}), layer_index={self.layer_index}, semantics={self.spec.mask_semantics}"
 
+    # ------------------------------------------------------------------ the cache
+
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()`` once per ``key`` for this module. Keys: ``("layout", N)``, ``("mask", N, device)``,
+        ``("table", N)``, ``("block_mask", N, device)``."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def layout(self, num_patch_tokens: int) -> Layout:
+        """This layer's pattern at N patch tokens (cached): offsets, mask, table, mask_mod, density."""
+        return self.cached(("layout", num_patch_tokens), lambda: self.spec.pattern.layout(
+            num_patch_tokens, self.num_heads, self.layer_index, cls_token=self.num_prefix_tokens == 1))
+
     def get_mask(self, num_patch_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """Boolean ``(H, L, L)`` mask for ``N = num_patch_tokens`` on ``device`` (cached), or None if dense."""
+        """Boolean ``(H, L, L)`` mask (True = attend) for ``N = num_patch_tokens`` on ``device`` (cached),
+        or None if dense."""
         if self.spec.is_dense:
             return None
         device = torch.device(device)
-        key = (num_patch_tokens, device)
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = self.spec.mask(num_patch_tokens, self.num_heads, self.layer_index, cls_token=self.num_prefix_tokens == 1)
-            mask = mask.to(device)
-            self._masks[key] = mask
-        return mask
+        return self.cached(("mask", num_patch_tokens, device), lambda: self.layout(num_patch_tokens).mask().to(device))
 
-    #: Up to this many mask entries (H * L^2) the sparse index table is derived from the cached dense
-    #: mask (the one SDPA uses, 4 MiB of bools); beyond, Toeplitz patterns build it from their offsets
-    #: in O(N |O|) without any N x N tensor.
-    TABLE_FROM_MASK_MAX = 1 << 22
-
-    def get_index_table(self, num_patch_tokens: int):
-        """The sparse backend's :class:`~fibo.attention.sparse.IndexTable` for N patch tokens (cached)."""
-        from fibo.attention.baselines import TOEPLITZ_OFFSETS
-        from fibo.attention.sparse import index_table, table_from_mask
-
-        key = ("table", num_patch_tokens)
-        table = self._tables.get(key)
-        if table is None:
-            cls = self.num_prefix_tokens == 1
-            if self.spec.name in TOEPLITZ_OFFSETS and self.num_heads * (num_patch_tokens + cls) ** 2 > self.TABLE_FROM_MASK_MAX:
-                table = index_table(self.spec.name, self.spec.options, num_patch_tokens, self.num_heads, self.layer_index, cls)
-            else:
-                table = table_from_mask(self.get_mask(num_patch_tokens))
-            self._tables[key] = table
-        return table
-
-    def get_block_mask(self, num_patch_tokens: int, device: torch.device | str):
-        """FlexAttention block mask for N patch tokens on ``device`` (cached)."""
-        from fibo.attention.flex import flex_block_mask
-
-        device = torch.device(device)
-        key = ("flex", num_patch_tokens, device)
-        bm = self._tables.get(key)
-        if bm is None:
-            bm = flex_block_mask(self.spec.name, self.spec.options, num_patch_tokens, self.num_heads,
-                                 self.layer_index, self.num_prefix_tokens == 1, device)
-            self._tables[key] = bm
-        return bm
+    # ------------------------------------------------------------------ what the pattern costs
 
     def density(self, num_patch_tokens: int) -> dict[str, float]:
-        """``density`` (whole L x L matrix) and ``density_patch`` (N x N block) actually used.
+        """``density`` (whole L x L matrix) and ``density_patch`` (N x N block) of the pattern used.
+        Offset patterns count in closed form (O(H |O|)): no mask or table is built."""
+        return self.layout(num_patch_tokens).density()
 
-        Offset (Toeplitz) patterns count the entries of their index table, which beyond
-        :attr:`TABLE_FROM_MASK_MAX` mask entries is built from the offsets in O(N |O|): no (H, L, L)
-        mask is built or cached (at N=12544, H=12 that mask is 1.9 GB per layer). Other patterns
-        build their mask once for the count and do not keep it."""
-        from fibo.attention.baselines import TOEPLITZ_OFFSETS
+    def attention_flops(self, num_patch_tokens: int) -> dict[str, int]:
+        """Attention FLOPs of one forward pass of one sample (not the qkv/proj linears).
 
-        if self.spec.is_dense:
-            return {"density": 1.0, "density_patch": 1.0}
-        cls = self.num_prefix_tokens == 1
-        if self.spec.name not in TOEPLITZ_OFFSETS:
-            mask = self._masks.get((num_patch_tokens, torch.device("cpu")))
-            if mask is None:
-                mask = self.spec.mask(num_patch_tokens, self.num_heads, self.layer_index, cls_token=cls)
-            return mask_density(mask, cls_token=cls)
-        table = self.get_index_table(num_patch_tokens)
-        h, n, L = self.num_heads, num_patch_tokens, num_patch_tokens + cls
-        patch_nnz = table.nnz - (h * (L + n) if cls else 0)  # the CLS row (L keys) and column (n rows)
-        return {"density": table.nnz / (h * L * L), "density_patch": patch_nnz / (h * n * n)}
+        Convention: two matrix products, ``Q K^T`` and ``P V``, each ``head_dim`` multiply-adds per
+        computed (query, key) entry, a multiply-add counted as 2 FLOPs:
+        ``flops = entries * head_dim * 2 * 2``. ``entries`` = allowed (query, key) pairs summed over
+        heads (the pattern's count: what the sparse kernels compute); ``zero_score`` semantics gives
+        every entry a probability, so it counts all ``H * L^2``. Softmax, scaling and masking are not
+        counted. ``*_dense``: the same for dense attention, ``entries_dense = H * L^2``.
+
+        Returns:
+            ``{"entries", "entries_dense", "flops", "flops_dense"}`` (integers).
+        """
+        layout = self.layout(num_patch_tokens)
+        dense = self.num_heads * layout.seq_len**2
+        entries = dense if self.spec.mask_semantics == "zero_score" else layout.nnz
+        per_entry = self.head_dim * 2 * 2
+        return {"entries": entries, "entries_dense": dense, "flops": entries * per_entry, "flops_dense": dense * per_entry}
+
+    # ------------------------------------------------------------------ forward
+
+    def backend_for(self, num_patch_tokens: int, device: torch.device, dtype: torch.dtype, requires_grad: bool) -> Backend:
+        """The backend a forward with these inputs uses (:func:`~fibo.attention.backends.choose_backend`)."""
+        call = AttentionCall(device, dtype, num_patch_tokens, self.attn_drop if self.training else 0.0,
+                             self.spec.is_dense, requires_grad)
+        return choose_backend(self.spec.backend, call, self.spec.mask_semantics)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -153,20 +142,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, L, d)
         dropout_p = self.attn_drop if self.training else 0.0
-        if self.spec.mask_semantics == "zero_score":
-            out = zero_score(q, k, v, self.get_mask(n, x.device), dropout_p)
-        else:
-            backend = resolve_backend(self.spec.backend, device=x.device, num_tokens=n, dtype=q.dtype,
-                                      dropout_p=dropout_p, dense=self.spec.is_dense)
-            if backend == "sparse":
-                from fibo.attention.sparse import sparse_attention
-
-                out = sparse_attention(q, k, v, self.get_index_table(n))
-            elif backend == "flex":
-                from fibo.attention.flex import flex_attention
-
-                out = flex_attention(q, k, v, self.get_block_mask(n, x.device))
-            else:
-                out = sdpa(q, k, v, self.get_mask(n, x.device), dropout_p)
+        backend = self.backend_for(n, x.device, q.dtype, torch.is_grad_enabled() and q.requires_grad)
+        out = backend.forward(q, k, v, backend.prepare(self, n, x.device), dropout_p)
         out = out.transpose(1, 2).reshape(B, L, C)
         return self.proj_drop(self.proj(out))

@@ -1,34 +1,23 @@
-"""Which attention pattern a model uses: the parsed form of the Hydra group ``attention``.
+"""Which attention a model uses: the parsed form of the Hydra group ``attention``.
 
 Every model takes one :class:`AttentionSpec` (or the mapping it is parsed from) and nothing else
-about attention. A spec names a pattern (a mask builder in :data:`PATTERNS`, or ``dense``), the
-pattern's own options and how masked entries are treated (``mask_semantics``).
+about attention. A spec names a pattern (a key of :data:`fibo.attention.patterns.PATTERNS`), the
+pattern's own options, how masked entries are treated (``mask_semantics``) and the backend
+preference (``backend``, see :mod:`fibo.attention.backends`).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fibo.attention.backends import BACKEND_CHOICES
-from fibo.attention.baselines import BASELINE_PATTERNS
-from fibo.attention.patterns import fibottention_mask
-
-#: name -> mask builder ``f(num_tokens, num_heads, depth, cls_token, **options) -> BoolTensor``;
-#: ``dense`` has no builder (no mask at all).
-PATTERNS: dict[str, Callable[..., torch.Tensor] | None] = {
-    "dense": None,
-    "fibottention": fibottention_mask,
-    **BASELINE_PATTERNS,  # longformer, bigbird, sparse_transformer, random, dilated (fibo.attention.baselines)
-}
-_MAIN_PATTERNS = ("dense", "fibottention")
+from fibo.attention.patterns import MAIN_PATTERNS, PATTERNS, Pattern
 
 MASK_SEMANTICS = ("neg_inf", "zero_score")
-_BUILDER_ARGS = {"num_tokens", "num_heads", "depth", "cls_token"}
 _SPEC_KEYS = {"name", "mask_semantics", "backend"}
 
 
@@ -37,26 +26,31 @@ class AttentionSpec:
     """A parsed attention config.
 
     Attributes:
-        name: a key of :data:`PATTERNS`.
+        name: a key of :data:`~fibo.attention.patterns.PATTERNS`.
         mask_semantics: ``neg_inf`` excludes masked entries from the softmax (the sparse semantics);
             ``zero_score`` multiplies the scaled scores by the 0/1 mask before the softmax, so masked
             entries score 0 and still take part (the authors' reference code).
-        options: keyword arguments of the pattern's mask builder (e.g. ``modified``, ``w_min``).
-        backend: how ``neg_inf`` attention is computed: ``auto`` (default; see
-            :func:`fibo.attention.backends.resolve_backend`), ``sdpa`` (dense boolean mask),
-            ``sparse`` (fused CPU kernel, O(N |O|)) or ``flex`` (FlexAttention block mask).
+        options: the pattern's options (e.g. ``modified``, ``w_min``).
+        backend: how ``neg_inf`` attention is computed: ``auto`` (default), ``sdpa`` (dense boolean
+            mask), ``sparse`` (fused CPU kernel, O(N |O|)), ``flex`` (FlexAttention block mask) or
+            ``reference`` (explicit math); see :func:`fibo.attention.backends.choose_backend`.
+        pattern: the configured :class:`~fibo.attention.patterns.Pattern` (derived, not compared).
+
+    Raises:
+        ValueError: unknown pattern, option, semantics or backend, or an option of the wrong type.
     """
 
     name: str = "dense"
     mask_semantics: str = "neg_inf"
     options: Mapping[str, Any] = field(default_factory=dict)
     backend: str = "auto"
+    pattern: Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.name not in PATTERNS:
-            baselines = sorted(set(PATTERNS) - set(_MAIN_PATTERNS))
+            baselines = sorted(set(PATTERNS) - set(MAIN_PATTERNS))
             raise ValueError(
-                f"unknown attention pattern {self.name!r}; choose one of {list(_MAIN_PATTERNS)} "
+                f"unknown attention pattern {self.name!r}; choose one of {list(MAIN_PATTERNS)} "
                 f"or a baseline {baselines} (Hydra: attention=<name>)"
             )
         if self.mask_semantics not in MASK_SEMANTICS:
@@ -72,39 +66,16 @@ class AttentionSpec:
                 f"attention={self.name} has no option(s) {unknown}; its options are {sorted(allowed)} "
                 f"plus {sorted(_SPEC_KEYS - {'name'})}"
             )
-        self._check_option_types()
-
-    def _check_option_types(self) -> None:
-        """Options must have the type of the builder's default (bool stays bool: ``bool("no")`` would
-        be True; int stays int; float accepts int); a ``None`` default accepts a number or None."""
-        builder = PATTERNS[self.name]
-        if builder is None:  # dense: no options (unknown ones were rejected above)
-            return
-        params = inspect.signature(builder).parameters
-        for key, value in self.options.items():
-            default = params[key].default
-            if isinstance(default, bool):
-                ok, want = isinstance(value, bool), "true or false"
-            elif isinstance(default, int):
-                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
-            elif isinstance(default, float) or default is None:
-                ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-                want = "a number or null"
-            else:
-                ok, want = True, ""
-            if not ok:
-                raise ValueError(f"attention.{key}={value!r} must be {want} (attention={self.name})")
+        object.__setattr__(self, "pattern", PATTERNS[self.name](**self.options))
 
     @staticmethod
     def allowed_options(name: str) -> set[str]:
-        builder = PATTERNS[name]
-        if builder is None:
-            return set()
-        return set(inspect.signature(builder).parameters) - _BUILDER_ARGS
+        """The option names of pattern ``name``."""
+        return set(PATTERNS[name].defaults)
 
     @classmethod
     def parse(cls, config: AttentionSpec | Mapping[str, Any] | None) -> AttentionSpec:
-        """Build a spec from a Hydra/OmegaConf or plain mapping ``{name, mask_semantics, **options}``;
+        """Build a spec from a Hydra/OmegaConf or plain mapping ``{name, mask_semantics, backend, **options}``;
         ``None`` means dense. Raises ``ValueError`` naming an unknown pattern or option."""
         if config is None:
             return cls()
@@ -122,17 +93,9 @@ class AttentionSpec:
 
     @property
     def is_dense(self) -> bool:
-        return PATTERNS[self.name] is None
+        return self.pattern.is_dense
 
     def mask(self, num_tokens: int, num_heads: int, depth: int = 0, cls_token: bool = True) -> torch.Tensor | None:
-        """The CPU boolean mask ``(H, L, L)`` of layer ``depth`` (``L = N + 1`` with CLS), or
-        ``None`` for dense attention. A row with no allowed key (possible only without CLS and
-        for tiny N) gets its diagonal entry, so the softmax never sees an empty row."""
-        builder = PATTERNS[self.name]
-        if builder is None:
-            return None
-        mask = builder(num_tokens=num_tokens, num_heads=num_heads, depth=depth, cls_token=cls_token, **self.options)
-        empty = ~mask.any(dim=-1)
-        if empty.any():
-            mask = mask | (torch.eye(mask.shape[-1], dtype=torch.bool) & empty[..., None])
-        return mask
+        """The CPU boolean mask ``(H, L, L)`` of layer ``depth`` (``L = N + 1`` with CLS), or ``None``
+        for dense attention: ``self.pattern.mask(...)``."""
+        return self.pattern.mask(num_tokens, num_heads, depth, cls_token)

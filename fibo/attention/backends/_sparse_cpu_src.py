@@ -1,5 +1,5 @@
 """C++ source of the fused CPU sparse-attention kernel (compiled at first use by
-:mod:`fibo.attention.sparse` with :func:`torch.utils.cpp_extension.load_inline`).
+:mod:`fibo.attention.backends.cpu_sparse` with :func:`torch.utils.cpp_extension.load_inline`).
 
 Kept as a Python string so it ships with the package without package-data configuration.
 

@@ -1,10 +1,8 @@
-"""Sparse attention patterns as pure functions.
+"""The Fibottention pattern: its offsets, windows and per-layer head permutation, and the
+:class:`Fibottention` pattern object.
 
-Everything here is deterministic, allocation-light and free of global state: no function touches
-Python's, NumPy's or torch's global RNG. Masks are boolean with ``True`` = "query may attend key".
-
-Token layout (the paper's and timm's): an optional CLS token at index 0, then ``num_tokens`` patch
-tokens in raster order. ``num_tokens`` (N) always counts patch tokens only.
+Deterministic and free of global state: nothing here touches Python's, NumPy's or torch's global
+RNG. ``num_tokens`` (N) always counts patch tokens only (CLS excluded).
 
 Fibottention (arXiv 2406.19391, Sec. 3 and the authors' reference code):
 
@@ -30,27 +28,24 @@ Decisions where the reference is silent or undefined (documented and tested):
 * offsets ``>= N`` stay in the offset list (it is the reference's sequence) but connect nothing:
   ``t +- o`` falls outside ``[0, N)``.
 * offset 0 (modified variant, head 1) is the token itself; duplicate offsets (1, 1) are one entry.
+
+Ablation (arXiv 2406.19391's argument for per-head diversity, option ``shared_offsets``): every head
+of a layer uses the offset set (and window) that head 0 of that layer has, so all heads of a layer
+are equal; with ``permute_heads_per_layer`` that set changes from layer to layer
+(``head_permutation(H, depth)[0]``), without it every layer uses head 1's set (Wythoff row 1, window
+``w_min``). Off by default (the golden values are the per-head pattern).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from functools import lru_cache
 
-import torch
+from fibo.attention.patterns.base import OffsetPattern, check_sizes
 
 PHI = (1.0 + math.sqrt(5.0)) / 2.0
 
-__all__ = [
-    "wythoff_pair",
-    "fibottention_windows",
-    "fibottention_offsets",
-    "head_permutation",
-    "offsets_to_mask",
-    "fibottention_mask",
-    "mask_density",
-]
+__all__ = ["wythoff_pair", "fibottention_windows", "fibottention_offsets", "head_permutation", "Fibottention"]
 
 
 def wythoff_pair(row: int) -> tuple[int, int]:
@@ -78,7 +73,7 @@ def fibottention_windows(num_tokens: int, num_heads: int, w_min: int = 5, w_max:
     Raises:
         ValueError: if ``num_tokens < 1``, ``num_heads < 1`` or ``w_min < 1``.
     """
-    _check_sizes(num_tokens, num_heads)
+    check_sizes(num_tokens, num_heads)
     if w_min < 1:
         raise ValueError(f"w_min must be >= 1, got {w_min}")
     w_max = _resolve_w_max(num_tokens, w_min, w_max)
@@ -142,74 +137,24 @@ def head_permutation(num_heads: int, depth: int) -> list[int]:
     return perm
 
 
-def offsets_to_mask(head_offsets: list[list[int]], num_tokens: int, cls_token: bool = True) -> torch.Tensor:
-    """Boolean mask from per-head offsets (already in head order).
+class Fibottention(OffsetPattern):
+    """Fibottention (arXiv 2406.19391): head ``j`` of layer ``depth`` attends at the offsets of Wythoff
+    row ``head_permutation(H, depth)[j] + 1`` (``permute_heads_per_layer``, default) or row ``j + 1``.
 
-    Returns:
-        ``(H, N+1, N+1)`` with a dense CLS row/column at index 0 when ``cls_token``, else ``(H, N, N)``;
-        entry ``[h, q, k]`` is True when ``|q - k|`` (patch indices) is in ``head_offsets[h]``.
+    Options: ``modified`` (seed pair ``(2a - b, b - a)``), ``w_min``, ``w_max`` (``None`` = N // 3),
+    ``permute_heads_per_layer``, ``shared_offsets`` (the ablation: every head of a layer uses head 0's
+    set; see the module docstring). Sizes are checked by :func:`fibottention_windows`.
     """
-    n = num_tokens
-    distance = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()  # (N, N)
-    lookup = torch.zeros(len(head_offsets), n, dtype=torch.bool)  # (H, N): is distance d allowed?
-    for h, offs in enumerate(head_offsets):
-        valid = [o for o in offs if 0 <= o < n]
-        if valid:
-            lookup[h, valid] = True
-    patch = lookup[:, distance]  # (H, N, N)
-    if not cls_token:
-        return patch
-    mask = torch.ones(len(head_offsets), n + 1, n + 1, dtype=torch.bool)
-    mask[:, 1:, 1:] = patch
-    return mask
 
+    name = "fibottention"
+    defaults = {"modified": False, "w_min": 5, "w_max": None, "permute_heads_per_layer": True,
+                "shared_offsets": False}
 
-@lru_cache(maxsize=256)
-def _fibottention_mask_cached(num_tokens, num_heads, depth, modified, cls_token, w_min, w_max, permute):
-    offsets = fibottention_offsets(num_tokens, num_heads, w_min=w_min, w_max=w_max, modified=modified)
-    if permute:
-        offsets = [offsets[j] for j in head_permutation(num_heads, depth)]
-    mask = offsets_to_mask(offsets, num_tokens, cls_token=cls_token)
-    mask.requires_grad_(False)
-    return mask
-
-
-def fibottention_mask(
-    num_tokens: int,
-    num_heads: int,
-    depth: int = 0,
-    modified: bool = False,
-    cls_token: bool = True,
-    w_min: int = 5,
-    w_max: int | None = None,
-    permute_heads_per_layer: bool = True,
-) -> torch.Tensor:
-    """The Fibottention mask of layer ``depth`` (CPU, bool, True = attend).
-
-    Returns:
-        ``(H, N+1, N+1)`` (CLS first, its row and column dense) or ``(H, N, N)`` without CLS.
-        Head ``j`` uses offset set ``head_permutation(H, depth)[j]`` when ``permute_heads_per_layer``,
-        else offset set ``j``. The tensor is cached and shared: do not modify it in place.
-
-    Raises:
-        ValueError: on non-positive sizes.
-    """
-    return _fibottention_mask_cached(
-        int(num_tokens), int(num_heads), int(depth), bool(modified), bool(cls_token), int(w_min),
-        None if w_max is None else int(w_max), bool(permute_heads_per_layer),
-    )
-
-
-def mask_density(mask: torch.Tensor, cls_token: bool = True) -> dict[str, float]:
-    """Fraction of allowed entries: ``density`` over the whole mask and ``density_patch`` over the
-    N x N patch block (equal when there is no CLS token). Both in [0, 1]."""
-    mask = mask.bool()
-    patch = mask[..., 1:, 1:] if cls_token else mask
-    return {"density": mask.float().mean().item(), "density_patch": patch.float().mean().item()}
-
-
-def _check_sizes(num_tokens: int, num_heads: int) -> None:
-    if num_tokens < 1:
-        raise ValueError(f"num_tokens (patch tokens, CLS excluded) must be >= 1, got {num_tokens}")
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    def head_offsets(self, num_tokens: int, num_heads: int, depth: int = 0) -> list[list[int]]:
+        o = self.options
+        w_max = None if o["w_max"] is None else int(o["w_max"])
+        offsets = fibottention_offsets(num_tokens, num_heads, w_min=int(o["w_min"]), w_max=w_max, modified=o["modified"])
+        order = head_permutation(num_heads, depth) if o["permute_heads_per_layer"] else list(range(num_heads))
+        if o["shared_offsets"]:
+            order = [order[0]] * num_heads
+        return [offsets[j] for j in order]
