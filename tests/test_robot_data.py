@@ -17,7 +17,8 @@ ENV_ARGS = {"env_name": "Lift", "type": 1, "env_kwargs": {"robots": ["Panda"]}}
 
 
 def write_tiny(path, lengths=(3, 5), image=True, masks=True, env_args=True):
-    """Demo i with n steps: eef_pos[t] = (t, i, 0), actions[t] = 10 i + t (all 7 dims), images filled with 10 t."""
+    """Demo i with n steps: eef_pos[t] = (t, i, 0), actions[t] = 10 i + t (all 7 dims), images filled with 10 t;
+    mask/valid = the last demo, mask/train = the others."""
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
         for i, n in enumerate(lengths):
@@ -31,8 +32,8 @@ def write_tiny(path, lengths=(3, 5), image=True, masks=True, env_args=True):
             g.attrs["num_samples"] = n
         data.attrs["total"] = int(sum(lengths))
         if masks:
-            f.create_dataset("mask/train", data=np.array([f"demo_{i}" for i in range(len(lengths))], dtype="S"))
-            f.create_dataset("mask/valid", data=np.array(["demo_1"], dtype="S"))
+            f.create_dataset("mask/train", data=np.array([f"demo_{i}" for i in range(len(lengths) - 1)], dtype="S"))
+            f.create_dataset("mask/valid", data=np.array([f"demo_{len(lengths) - 1}"], dtype="S"))
         if env_args:
             data.attrs["env_args"] = json.dumps(ENV_ARGS)
     return path
@@ -71,8 +72,9 @@ def test_padding_at_episode_edges(tmp_path):
 def test_datamodule_batches_stats_and_splits(tmp_path):
     path = write_tiny(tmp_path / "tiny.hdf5", lengths=(3, 5, 4))
     with h5py.File(path, "a") as f:
-        del f["mask/train"]
+        del f["mask/train"], f["mask/valid"]
         f.create_dataset("mask/train", data=np.array(["demo_0", "demo_2"], dtype="S"))
+        f.create_dataset("mask/valid", data=np.array(["demo_1"], dtype="S"))
     dm = RobomimicDataModule(str(path), rgb_keys=["agentview_image"], low_dim_keys=LOW_DIM, action_dim=7, batch_size=4)
     dm.setup("fit")
     assert (dm.train_demos, dm.valid_demos) == (["demo_0", "demo_2"], ["demo_1"])
@@ -171,7 +173,7 @@ def test_no_env_args_trains_but_refuses_rollouts(tmp_path, caplog):
     path = write_tiny(tmp_path / "tiny.hdf5", env_args=False)
     dm = RobomimicDataModule(str(path), rgb_keys=[], low_dim_keys=LOW_DIM, batch_size=2)
     dm.setup("fit")
-    assert dm.env_args is None and len(dm.train_set) == 8
+    assert dm.env_args is None and len(dm.train_set) == 3  # demo_0 (demo_1 validates)
     callback = RolloutEvaluation(num_episodes=2)
     trainer = SimpleNamespace(fast_dev_run=False, datamodule=dm, logger=None)
     with caplog.at_level(logging.WARNING, logger="fibo"):
@@ -212,3 +214,22 @@ def test_num_demos_is_a_seeded_nested_subset_of_the_training_demos(tmp_path):
             module(bad)
         assert str(info.value) == (f"data.num_demos={bad} is out of range: give an integer from 1 to 8 (all 8 training "
                                    "demos), or data.num_demos=null for all")
+
+
+def test_train_and_valid_masks_sharing_demos_is_an_error(tmp_path):
+    path = write_tiny(tmp_path / "tiny.hdf5", lengths=(3,) * 9)
+    with h5py.File(path, "a") as f:
+        del f["mask/valid"]
+        f.create_dataset("mask/valid", data=np.array([f"demo_{i}" for i in (8, 7, 6, 5, 4, 3, 2)], dtype="S"))
+    dm = RobomimicDataModule(str(path), rgb_keys=[], low_dim_keys=LOW_DIM)
+    with pytest.raises(DatasetError) as info:
+        dm.setup("fit")
+    assert str(info.value) == (
+        f"{path}: mask/train and mask/valid share 6 demo(s) (demo_2, demo_3, demo_4, demo_5, demo_6, ... (6 in all)), "
+        "so validation would score demos seen in training: fix the file's masks so that no demo is in both, or "
+        "choose other filter keys (data.train_filter / data.valid_filter; data.valid_filter=null validates on nothing)")
+    with h5py.File(path, "a") as f:
+        del f["mask/valid"]
+        f.create_dataset("mask/valid", data=np.array(["demo_8", "demo_0"], dtype="S"))
+    with pytest.raises(DatasetError, match=r"share 1 demo\(s\) \(demo_0\), so validation"):
+        split_demos(inspect_hdf5(path, [], LOW_DIM), "train", "valid", 0.1, seed=0, path=str(path))

@@ -127,7 +127,12 @@ def inspect_hdf5(path: str | os.PathLike, rgb_keys: Sequence[str] = (), low_dim_
 def split_demos(info: Mapping[str, Any], train_filter: str | None, valid_filter: str | None, valid_fraction: float,
                 seed: int, path: str = "the dataset") -> tuple[list[str], list[str]]:
     """Train/valid demo names from the file's filter keys, or (no ``mask/`` or the filter keys absent)
-    all demos with a seeded ``valid_fraction`` held out, with a warning."""
+    all demos with a seeded ``valid_fraction`` held out, with a warning.
+
+    Raises:
+        DatasetError: the train filter names demos that do not exist, or shares demos with the valid
+            filter (names the first five and the count).
+    """
     masks = info["masks"]
     demos = list(info["demos"])
     if train_filter is None:
@@ -140,6 +145,13 @@ def split_demos(info: Mapping[str, Any], train_filter: str | None, valid_filter:
         valid = masks.get(valid_filter, []) if valid_filter else []
         if valid_filter and valid_filter not in masks:
             log.warning("%s has no mask/%s: validating on nothing (filter keys: %s)", path, valid_filter, sorted(masks))
+        shared = sorted(set(train) & set(valid), key=_demo_sort_key)
+        if shared:
+            more = f", ... ({len(shared)} in all)" if len(shared) > 5 else ""
+            raise DatasetError(f"{path}: mask/{train_filter} and mask/{valid_filter} share {len(shared)} demo(s) "
+                               f"({', '.join(shared[:5])}{more}), so validation would score demos seen in training: "
+                               f"fix the file's masks so that no demo is in both, or choose other filter keys "
+                               f"(data.train_filter / data.valid_filter; data.valid_filter=null validates on nothing)")
         return train, list(valid)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(demos))
