@@ -1,0 +1,68 @@
+"""experiment=data_efficiency: the digits sweep over training-set sizes x {dense, Fibottention,
+Longformer at Fibottention's density} x 3 seeds composes, is FLOP-matched, and runs."""
+
+import math
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from conftest import fibo_run, mlflow_runs
+from fibo.cli import CONF_DIR
+from fibo.models import create_model
+
+VARIANTS = ("dense", "fibottention", "longformer")
+
+
+def _compose(*overrides):
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["experiment=data_efficiency", *overrides], return_hydra_config=True)
+
+
+def test_the_sweep_is_sizes_by_variants_by_seeds():
+    cfg = _compose()
+    assert cfg.experiment_name == "data-efficiency"
+    params = dict(cfg.hydra.sweeper.params)
+    assert params == {"data.train_samples": "100,200,400,800,1300",
+                      "+experiment/data_efficiency": "dense,fibottention,longformer", "seed": "0,1,2"}
+    assert math.prod(len(v.split(",")) for v in params.values()) == 45
+    assert cfg.hydra.runtime.choices.data == "digits"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_chooses_its_attention(variant):
+    cfg = _compose(f"+experiment/data_efficiency={variant}")
+    assert cfg.hydra.runtime.choices.attention == variant == cfg.attention.name
+    assert cfg.attention.get("target_density") == (0.0936 if variant == "longformer" else None)
+
+
+def test_longformer_is_at_fibottentions_density_in_the_default_digits_model():
+    """The overlay's target density is the patch-block density Fibottention logs for this model, and
+    the window it picks is the sliding window closest to it (window 3 at 64 patch tokens)."""
+    fibo = instantiate(_compose("+experiment/data_efficiency=fibottention").model)
+    fibo_density = fibo.attention_density()["density_patch"]
+    cfg = _compose("+experiment/data_efficiency=longformer")
+    assert cfg.attention.target_density == round(fibo_density, 4) == 0.0936
+    longformer = instantiate(cfg.model).attention_density()["density_patch"]
+    assert longformer == pytest.approx(436 / 4096)  # 64 + 2 (63 + 62 + 61) of the 64 x 64 pairs: window 3
+
+    def window(w):
+        return create_model("vit_nano", img_size=16, patch_size=fibo.patch_embed.patch_size[0], in_chans=1,
+                            num_classes=10, attention={"name": "longformer", "window": w}).attention_density()["density_patch"]
+
+    assert longformer == window(3)
+    assert min(abs(window(w) - fibo_density) for w in range(8)) == abs(longformer - fibo_density)
+
+
+@pytest.mark.slow
+def test_the_overlay_runs_each_variant_on_a_subset(tmp_path):
+    result = fibo_run("-m", "experiment=data_efficiency", "debug=fast_dev_run", "data.train_samples=100", "seed=0",
+                      "experiment_name=data-efficiency", root=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _, runs = mlflow_runs(tmp_path, "data-efficiency")
+    by_attention = {r.data.params["attention/name"]: r for r in runs}
+    assert sorted(by_attention) == sorted(VARIANTS) and len(runs) == 3
+    for run in runs:
+        assert run.data.params["data/train_samples"] == "100" and run.data.metrics["data/train_samples"] == 100
+    assert by_attention["longformer"].data.metrics["attention/density_patch"] == pytest.approx(436 / 4096)
+    assert by_attention["fibottention"].data.metrics["attention/density_patch"] == pytest.approx(0.0936, abs=5e-5)
