@@ -286,7 +286,7 @@ def test_chdir_true_keeps_relative_data_paths_and_the_default_store(tmp_path):
     """Before: '<run dir>/imgs/train not found', and the MLflow store moved into each run's folder."""
     _image_folder(tmp_path / "imgs")
     proc = _fibo_run("hydra.job.chdir=true", "debug=fast_dev_run", "data=imagefolder", "data.root=imgs",
-                     "data.num_classes=2", "data.img_size=16", "data.patch_size=4", "data.batch_size=4",
+                     "data.num_classes=2", "data.img_size=16", "data.batch_size=4",
                      "data.num_workers=0", cwd=tmp_path, env=_env(None))
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
