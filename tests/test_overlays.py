@@ -42,7 +42,7 @@ def test_image_overlay_pins_the_paper_recipe(name):
     cfg = _compose(f"experiment={name}")
     choices = cfg.hydra.runtime.choices
     assert (choices.data, choices.model, choices.attention, choices.task) == (data, "vit_base", "fibottention", "image")
-    assert cfg.model.name == "vit_base" and cfg.data.patch_size == 16 and cfg.data.img_size == 224  # ViT-B/16, 224 px
+    assert cfg.model.name == "vit_base" and cfg.model.patch_size == 16 and cfg.data.img_size == 224  # ViT-B/16, 224 px
     assert cfg.data.num_classes == classes and cfg.experiment_name == name.replace("_", "-")
     assert cfg.trainer.max_epochs == 100
     assert (cfg.task.lr, cfg.task.lr_base_batch) == (1e-3, 256)  # 1e-3 x batch / 256
@@ -80,8 +80,8 @@ def test_video_overlay_pins_the_papers_setting(name):
     assert (choices.task, choices.data, choices.attention) == ("video", "videolist", "fibottention")
     assert cfg.model.name == "timesformer_base" and cfg.model.attention_type == "divided"
     assert cfg.model.patch_frames == 1  # TimeSformer's per-frame patches
-    assert (cfg.data.num_frames, cfg.data.sampling_rate, cfg.data.img_size, cfg.data.patch_size) == (8, 32, 224, 16)
-    assert cfg.attention.name == "fibottention" and cfg.attention.temporal == "dense"  # Fibottention in space only
+    assert (cfg.data.num_frames, cfg.data.sampling_rate, cfg.data.img_size, cfg.model.patch_size) == (8, 32, 224, 16)
+    assert cfg.attention.name == "fibottention" and cfg.model.temporal_attention == "dense"  # Fibottention in space only
     assert cfg.data.num_classes == VIDEO[name]
     assert cfg.data.train_list.endswith("/train.txt") and cfg.experiment_name == name.replace("_", "-")
     header = (EXPERIMENTS / f"{name}.yaml").read_text()
@@ -107,9 +107,9 @@ def test_robot_overlay_pins_the_papers_setting(name):
 
 # ---- one fast_dev_run step per overlay, on substitute data ---------------------------------------
 
-SHRINK_IMAGE = ("model.name=vit_nano", "data.img_size=32", "data.patch_size=8", "data.batch_size=4",
+SHRINK_IMAGE = ("model.name=vit_nano", "data.img_size=32", "model.patch_size=8", "data.batch_size=4",
                 "data.num_workers=0")
-SHRINK_VIDEO = ("model.name=timesformer_nano", "data.img_size=32", "data.patch_size=8", "data.batch_size=2",
+SHRINK_VIDEO = ("model.name=timesformer_nano", "data.img_size=32", "model.patch_size=8", "data.batch_size=2",
                 "data.num_workers=0", "++data.test_clips=1", "++data.test_crops=1")  # ++: the sweep's first
 # compose (before experiment= applies) is on the default image data, which lacks these keys
 ON_CPU = ("trainer.accelerator=cpu", "trainer.precision=32-true", "debug=fast_dev_run")
@@ -220,7 +220,7 @@ def test_video_overlays_run_a_step(tmp_path):
     assert "skipping" not in result.stdout + result.stderr  # every substitute video spans a clip
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert run.data.params["data/sampling_rate"] == "32" and run.data.params["attention/temporal"] == "dense"
+        assert run.data.params["data/sampling_rate"] == "32" and run.data.params["model/temporal_attention"] == "dense"
 
 
 def _write_robomimic(path: Path, rng, demos: int = 3, steps: int = 6) -> None:

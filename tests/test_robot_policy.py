@@ -25,7 +25,8 @@ def batch_for(cfg, size=4):
 
 @pytest.mark.parametrize("name", ["policy_fibo", "policy_dense", "policy_cnn", "policy_blind", "policy_oracle"])
 def test_policy_forward_backward(tmp_path, name):
-    cfg = compose(tmp_path, f"model={name}", "data.seq_length=3", "data.frame_stack=2")
+    oracle = ["experiment=robot_oracle"] if name == "policy_oracle" else []  # adds the object state to the data
+    cfg = compose(tmp_path, f"model={name}", *oracle, "data.seq_length=3", "data.frame_stack=2")
     policy = instantiate(cfg.model)
     obs = batch_for(cfg)
     out = policy(obs)
@@ -109,3 +110,27 @@ def test_readout_options(tmp_path):
     assert sizes == {"cls": 96, "keypoints": 64, "cls_keypoints": 160}  # width 96, 32 keypoints x (x, y)
     with pytest.raises(ValueError, match="model.readout='mean' must be"):
         create_policy("transformer", ["agentview_image"], LOW_DIM, 7, readout="mean")
+
+
+def test_reference_policies_write_no_data_keys(tmp_path):
+    """policy_blind takes no camera though the data have one (the model's own rgb_keys: []);
+    policy_oracle needs the data's object state, which experiment=robot_oracle adds (not the model)."""
+    blind_cfg = compose(tmp_path, "model=policy_blind")
+    assert list(blind_cfg.data.rgb_keys) == ["agentview_image"] and "object" not in blind_cfg.data.low_dim_keys
+    blind = instantiate(blind_cfg.model)
+    assert blind.rgb_keys == [] and not blind.encoders and list(blind.low_dim_keys) == list(LOW_DIM)
+    assert blind(batch_for(blind_cfg)).shape == (4, 1, 7)  # the camera in the batch is not read
+    with pytest.raises(Exception) as info:  # Hydra's InstantiationException around the ValueError
+        instantiate(compose(tmp_path, "model=policy_oracle").model)
+    assert str(info.value.__cause__) == (
+        "model.object_state=true needs the object state, but data.low_dim_keys has no 'object' (it has "
+        "['robot0_eef_pos', 'robot0_eef_quat', 'robot0_gripper_qpos']): run `fibo-run experiment=robot_oracle`, which "
+        "adds data.low_dim_keys.object=${data.object_dim}")
+    for data in ("lift", "metaworld"):
+        cfg = compose(tmp_path, "experiment=robot_oracle", f"data={data}")
+        assert cfg.hydra.runtime.choices.model == "policy_oracle" and list(cfg.data.rgb_keys) == []
+        oracle = instantiate(cfg.model)
+        assert oracle.low_dim_keys["object"] == cfg.data.object_dim == {"lift": 10, "metaworld": 35}[data]
+    # a vision policy on the oracle's data leaves the object state out (only object_state=true reads it)
+    fibo = instantiate(compose(tmp_path, "experiment=robot_oracle", "model=policy_fibo", "data.rgb_keys=[agentview_image]").model)
+    assert "object" not in fibo.low_dim_keys and fibo.rgb_keys == ["agentview_image"]

@@ -52,6 +52,31 @@ def test_image_size_not_divisible_by_patch_size():
         create_model("vit_nano", img_size=30, patch_size=4)
 
 
+@pytest.mark.parametrize("name", ["vit_nano", "timesformer_nano"])
+@pytest.mark.parametrize("patch_size", [0, -4, 2.5, True])
+def test_patch_size_must_be_a_positive_integer(name, patch_size):
+    with pytest.raises(ValueError, match=rf"^model.patch_size={patch_size!r} must be a positive integer: the patch side "
+                                         rf"in pixels, dividing the image size \(e\.g\. 2 for 16 px images, 16 for 224 px\)$"):
+        create_model(name, img_size=16, patch_size=patch_size)
+
+
+@pytest.mark.parametrize("img_size", [0, -16, (16, -8)])
+def test_image_size_must_be_positive(img_size):
+    with pytest.raises(ValueError, match=r"^model.img_size=.* \(data.img_size\) must be a positive number of pixels "
+                                         r"\(or \[height, width\]\)$"):
+        create_model("vit_nano", img_size=img_size, patch_size=2)
+
+
+def test_attention_temporal_key_names_its_new_place():
+    for name in ("vit_nano", "timesformer_nano"):
+        with pytest.raises(ValueError, match=r"^attention.temporal='same' is no longer an attention option: the temporal "
+                                             r"pattern of a video model is model.temporal_attention=dense\|same"):
+            create_model(name, img_size=16, patch_size=2, attention={"name": "fibottention", "temporal": "same"})
+    video = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, temporal_attention="same",
+                         attention={"name": "fibottention"})
+    assert video.temporal_spec == video.attention_spec and video.blocks[1].temporal_attn.get_mask(4).shape == (3, 4, 4)
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match=r"unknown model 'vit_huge'; known models: \['timesformer_base', 'timesformer_nano', 'timesformer_small', 'vit_base', 'vit_nano', 'vit_small', 'vit_tiny'\]"):
         create_model("vit_huge")

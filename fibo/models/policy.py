@@ -12,7 +12,10 @@ encoder, chosen by ``encoder``:
 * ``cnn``: the same kind of conv stem followed by robomimic's ``SpatialSoftmax`` keypoints (robomimic's
   standard visual encoder, with a small conv instead of a ResNet-18 for the CPU). ``model=policy_cnn``.
 * ``none``: no image input. ``model=policy_blind`` (proprioception only) and ``model=policy_oracle``
-  (proprioception + object state) are references for every report.
+  (proprioception + object state, ``object_state=True``; run as ``experiment=robot_oracle``, which
+  adds ``object`` to the data's keys) are references for every report.
+
+The observation key ``object`` (the true object state) reaches a policy only with ``object_state=True``.
 
 Inputs: ``obs[key]`` is ``(B, F, 3, H, W)`` float in [0, 1] for image keys and ``(B, F, d)``
 (already normalised) for low-dim keys, F = frame stack. Output: ``(B, seq_length, action_dim)``
@@ -22,6 +25,7 @@ in evaluation (robomimic's CropRandomizer).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +33,8 @@ import torch
 from torch import nn
 
 from fibo.attention import AttentionSpec
+
+log = logging.getLogger(__name__)
 
 
 def _conv_stem(in_chans: int, channels: Sequence[int], strides: Sequence[int]) -> nn.Sequential:
@@ -56,7 +62,7 @@ class TransformerImageEncoder(nn.Module):
             raise ValueError(f"model.readout={readout!r} must be 'cls', 'keypoints' or 'cls_keypoints'")
         from timm.layers import trunc_normal_
 
-        from fibo.models.vit import Block
+        from fibo.models.vit import Block, attention_spec
 
         if stem == "conv":
             chans = list(stem_channels)
@@ -70,7 +76,7 @@ class TransformerImageEncoder(nn.Module):
             grid = self.stem(torch.zeros(1, in_chans, image_size, image_size)).shape[-2:]
         self.grid = tuple(grid)
         self.num_patch_tokens = grid[0] * grid[1]
-        self.spec = AttentionSpec.parse(attention)
+        self.spec = attention_spec(attention)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patch_tokens, embed_dim))
         trunc_normal_(self.pos_embed, std=0.02)
@@ -191,16 +197,29 @@ class BCPolicy(nn.Module):
 
 def create_policy(encoder: str, rgb_keys: Sequence[str], low_dim_keys: Mapping[str, int], action_dim: int,
                   frame_stack: int = 1, seq_length: int = 1, image_size: int = 84, crop_size: int | None = 76,
-                  hidden: Sequence[int] = (256, 256), dropout: float = 0.0, name: str | None = None,
-                  **encoder_kwargs: Any) -> BCPolicy:
-    """Build a policy (Hydra target of ``conf/model/policy_*.yaml``).
+                  hidden: Sequence[int] = (256, 256), dropout: float = 0.0, object_state: bool = False,
+                  name: str | None = None, **encoder_kwargs: Any) -> BCPolicy:
+    """Build a policy (Hydra target of ``conf/model/base/policy.yaml`` and ``conf/model/policy_*.yaml``).
 
     Args:
         encoder: ``transformer`` | ``cnn`` | ``none``.
         rgb_keys, low_dim_keys: the observation keys (``{key: dim}`` for low-dim), from the data config.
+        object_state: the policy also gets ``object`` (the true object state, a key of
+            ``low_dim_keys``); without it an ``object`` key is left out.
         **encoder_kwargs: :class:`TransformerImageEncoder` (``stem``, ``patch_size``, ``embed_dim``,
             ``depth``, ``num_heads``, ``attention``, ...) or :class:`SpatialSoftmaxEncoder` options.
+
+    Raises:
+        ValueError: unknown encoder; images given to ``encoder=none``; ``object_state`` without an
+            ``object`` key.
     """
+    low_dim_keys = dict(low_dim_keys)
+    if object_state and "object" not in low_dim_keys:
+        raise ValueError(f"model.object_state=true needs the object state, but data.low_dim_keys has no 'object' "
+                         f"(it has {sorted(low_dim_keys)}): run `fibo-run experiment=robot_oracle`, which adds "
+                         f"data.low_dim_keys.object=${{data.object_dim}}")
+    if not object_state and low_dim_keys.pop("object", None) is not None:
+        log.warning("model.object_state=false: the policy leaves out the data's 'object' key (the true object state)")
     crop = int(crop_size or image_size)
     if encoder == "transformer":
         encoders = {k: TransformerImageEncoder(image_size=crop, **encoder_kwargs) for k in rgb_keys}
@@ -209,8 +228,8 @@ def create_policy(encoder: str, rgb_keys: Sequence[str], low_dim_keys: Mapping[s
         encoders = {k: SpatialSoftmaxEncoder(image_size=crop, **encoder_kwargs) for k in rgb_keys}
     elif encoder == "none":
         if rgb_keys:
-            raise ValueError(f"model.encoder=none takes no images, but data.rgb_keys={list(rgb_keys)}: "
-                             f"set data.rgb_keys=[] (policy_blind / policy_oracle do)")
+            raise ValueError(f"model.encoder=none takes no images, but model.rgb_keys={list(rgb_keys)}: "
+                             f"set model.rgb_keys=[] (policy_blind / policy_oracle do)")
         encoders = {}
     else:
         raise ValueError(f"model.encoder={encoder!r} must be one of 'transformer', 'cnn', 'none'")

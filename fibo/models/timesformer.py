@@ -10,8 +10,8 @@ then frame 1's, ...). Divided attention (the paper's default), per block:
    and its T outputs averaged back into one CLS token;
 3. the MLP.
 
-Fibottention (``attention``) applies to spatial attention; ``attention.temporal`` chooses the
-temporal pattern (``dense``, or ``fibottention``: the same pattern and options over T frames, no
+Fibottention (``attention``) applies to spatial attention; ``temporal_attention`` chooses the
+temporal pattern (``dense``, or ``same``: the spatial pattern and options over the T frames, no
 CLS). ``attention_type=joint`` attends over all ``1 + T*P`` tokens at once (the pattern's offsets
 then run along the time-major token order, so offsets < P stay within a frame and multiples of P
 link the same patch across frames); ``space_only`` treats frames independently.
@@ -34,30 +34,28 @@ from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_e
 from torch import nn
 
 from fibo.attention import Attention, AttentionSpec
-from fibo.models.vit import Block, check_patch_grid
+from fibo.models.vit import Block, attention_spec, check_patch_grid
 
 log = logging.getLogger(__name__)
 ATTENTION_TYPES = ("divided", "joint", "space_only")
 
 
-def split_attention_config(attention: Mapping[str, Any] | AttentionSpec | None) -> tuple[AttentionSpec, AttentionSpec]:
-    """``(spatial, temporal)`` specs from one ``attention`` config whose ``temporal`` key is
-    ``dense`` (default) or the spatial pattern's name (same options, applied over frames).
+TEMPORAL_ATTENTION = ("dense", "same")
+
+
+def temporal_spec(spatial: AttentionSpec, temporal_attention: str) -> AttentionSpec:
+    """The temporal attention's spec: ``dense`` (with the spatial mask semantics) or ``same`` (the
+    spatial pattern and its options, applied over the T frames without CLS).
 
     Raises:
-        ValueError: ``temporal`` names another pattern.
+        ValueError: ``temporal_attention`` is neither.
     """
-    if isinstance(attention, AttentionSpec) or attention is None:
-        spatial = AttentionSpec.parse(attention)
-        return spatial, AttentionSpec()
-    cfg = dict(attention)
-    temporal = cfg.pop("temporal", "dense") or "dense"
-    spatial = AttentionSpec.parse(cfg)
-    if temporal == "dense":
-        return spatial, AttentionSpec(mask_semantics=spatial.mask_semantics)
-    if temporal != spatial.name:
-        raise ValueError(f"attention.temporal={temporal!r}: choose 'dense' or {spatial.name!r} (the spatial pattern)")
-    return spatial, spatial
+    if temporal_attention == "dense":
+        return AttentionSpec(mask_semantics=spatial.mask_semantics)
+    if temporal_attention == "same":
+        return spatial
+    raise ValueError(f"model.temporal_attention={temporal_attention!r}: choose 'dense' or 'same' "
+                     f"(the spatial pattern, here {spatial.name!r}, over the frames)")
 
 
 def _sincos_1d(length: int, dim: int) -> torch.Tensor:
@@ -135,27 +133,31 @@ class TimeSformer(nn.Module):
     Args:
         img_size, patch_size: frame side and patch side in pixels (divisible).
         num_frames: T, the frames per clip the time embedding is built for (other T are interpolated).
-        attention: the ``attention`` config (pattern of spatial attention; ``temporal`` key: the
-            temporal pattern); ``attention_type``: ``divided`` | ``joint`` | ``space_only``.
+        attention: the ``attention`` config (the pattern of spatial attention); ``attention_type``:
+            ``divided`` | ``joint`` | ``space_only``.
+        temporal_attention: ``dense`` | ``same`` (the spatial pattern over the frames; divided only).
         patch_frames: frames each patch token is embedded from: 1 = per-frame patches (TimeSformer,
             timm's ``PatchEmbed``), an odd k > 1 = :class:`SpaceTimePatchEmbed` (Conv3d over k frames).
         pretrained: optional path of an image (fibo/timm ViT) or video checkpoint to initialise from.
         other arguments: as timm's VisionTransformer.
 
     Raises:
-        ValueError: bad sizes, unknown attention type or pattern.
+        ValueError: bad sizes, unknown attention type, temporal attention or pattern, an
+            ``attention.temporal`` key (now ``temporal_attention``).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 8, in_chans: int = 3,
                  num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, attention: Mapping[str, Any] | AttentionSpec | None = None,
-                 attention_type: str = "divided", patch_frames: int = 1, pretrained: str | None = None) -> None:
+                 attention_type: str = "divided", temporal_attention: str = "dense", patch_frames: int = 1,
+                 pretrained: str | None = None) -> None:
         super().__init__()
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type={attention_type!r}: choose one of {list(ATTENTION_TYPES)}")
         grid = check_patch_grid(img_size, patch_size)
-        self.attention_spec, self.temporal_spec = split_attention_config(attention)
+        self.attention_spec = attention_spec(attention)
+        self.temporal_spec = temporal_spec(self.attention_spec, temporal_attention)
         self.attention_type, self.num_frames = attention_type, num_frames
         self.num_patch_tokens = grid[0] * grid[1]
         self.num_classes, self.embed_dim = num_classes, embed_dim

@@ -42,13 +42,33 @@ class Block(TimmBlock):
                               num_prefix_tokens=num_prefix_tokens)
 
 
-def check_patch_grid(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """Return the patch grid ``(H/p, W/p)``.
+def attention_spec(attention: AttentionSpec | Mapping[str, Any] | None) -> AttentionSpec:
+    """The :class:`AttentionSpec` of a model's ``attention`` config (``None`` = dense).
 
     Raises:
-        ValueError: naming both numbers when the image size is not divisible by the patch size.
+        ValueError: the config has a ``temporal`` key (the temporal pattern of video models moved
+            to ``model.temporal_attention``), or an unknown pattern or option.
     """
+    if isinstance(attention, Mapping) and "temporal" in attention:
+        raise ValueError(f"attention.temporal={attention['temporal']!r} is no longer an attention option: the temporal "
+                         f"pattern of a video model is model.temporal_attention=dense|same (TimeSformer only)")
+    return AttentionSpec.parse(attention)
+
+
+def check_patch_grid(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """Return the patch grid ``(H/p, W/p)`` of an ``img_size`` (side, or ``(H, W)``) in pixels.
+
+    Raises:
+        ValueError: one line naming the key: ``model.patch_size`` not a positive integer, an image
+            side that is not positive, or an image side not divisible by the patch size (both numbers).
+    """
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"model.patch_size={patch_size!r} must be a positive integer: the patch side in pixels, "
+                         f"dividing the image size (e.g. 2 for 16 px images, 16 for 224 px)")
     hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in hw):
+        raise ValueError(f"model.img_size={img_size!r} (data.img_size) must be a positive number of pixels "
+                         f"(or [height, width])")
     for side in hw:
         if side % patch_size:
             raise ValueError(
@@ -72,7 +92,8 @@ class VisionTransformer(TimmVisionTransformer):
     ``forward_features``: ``(B, 1 + N, embed_dim)`` with ``N = (H/p)(W/p)`` patch tokens.
 
     Raises:
-        ValueError: image size not divisible by patch size; unknown attention pattern or option.
+        ValueError: bad image or patch size (:func:`check_patch_grid`); unknown attention pattern or
+            option, or an ``attention.temporal`` key (:func:`attention_spec`).
     """
 
     def __init__(
@@ -84,7 +105,7 @@ class VisionTransformer(TimmVisionTransformer):
         **kwargs: Any,
     ) -> None:
         grid = check_patch_grid(img_size, patch_size)
-        spec = AttentionSpec.parse(attention)
+        spec = attention_spec(attention)
         if global_pool != "token":
             raise ValueError("fibo's ViT pools the CLS token (global_pool='token'), as the paper does")
         super().__init__(img_size=img_size, patch_size=patch_size, global_pool=global_pool,
