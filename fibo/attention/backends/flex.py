@@ -20,7 +20,7 @@ import torch
 from fibo.attention.backends.base import AttentionCall, Backend
 from fibo.attention.patterns.base import Layout
 
-__all__ = ["Flex", "block_mask", "flex_attention"]
+__all__ = ["Flex", "block_mask", "flex_attention", "COMPILED"]
 
 #: ``auto`` on CUDA uses FlexAttention from this many patch tokens on (below, a 128-token block mask
 #: has almost no empty blocks and SDPA with the boolean mask is at least as fast). Provisional until
@@ -47,15 +47,34 @@ def block_mask(layout: Layout, device: torch.device | str = "cpu", block_size: i
     return bm
 
 
+class _CompiledFlex:
+    """``torch.compile(flex_attention)``, compiled once per process at the first call that asks for it:
+    a compiled-kernel handle like :data:`fibo.attention.backends.cpu_sparse.KERNEL` (compiling per
+    layer or per call would recompile)."""
+
+    def __init__(self) -> None:
+        self.fn: Any = None
+
+    def get(self) -> Any:
+        if self.fn is None:
+            from torch.nn.attention.flex_attention import flex_attention as eager
+
+            self.fn = torch.compile(eager, dynamic=False)
+        return self.fn
+
+
+COMPILED = _CompiledFlex()
+
+
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float | None = None,
-                   compiled: Any = None) -> torch.Tensor:
+                   compile: bool | None = None) -> torch.Tensor:
     """``-inf``-masked attention through :func:`torch.nn.attention.flex_attention.flex_attention`.
 
     Args:
         q, k, v: ``(B, H, L, d)`` on the block mask's device.
         block_mask: from :func:`block_mask` (same H and L).
         scale: ``None`` = ``d ** -0.5``.
-        compiled: a ``torch.compile``-d ``flex_attention`` to call instead of the eager one.
+        compile: call the ``torch.compile``-d kernel (:data:`COMPILED`; default: on CUDA only).
 
     Returns:
         ``(B, H, L, d)``.
@@ -65,7 +84,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     """
     from torch.nn.attention.flex_attention import flex_attention as eager
 
-    return (compiled or eager)(q, k, v, block_mask=block_mask, scale=scale)
+    compile = q.is_cuda if compile is None else compile
+    return (COMPILED.get() if compile else eager)(q, k, v, block_mask=block_mask, scale=scale)
 
 
 class Flex(Backend):
@@ -73,9 +93,6 @@ class Flex(Backend):
     the CPU for forward-only calls (eager); no attention dropout."""
 
     name = "flex"
-
-    def __init__(self) -> None:
-        self._compiled: Any = None  # torch.compile(flex_attention), compiled once per process on first CUDA call
 
     def supports(self, call: AttentionCall) -> str | None:
         try:
@@ -100,11 +117,4 @@ class Flex(Backend):
         return layer.cached(("block_mask", num_tokens, device), lambda: block_mask(layer.layout(num_tokens), device))
 
     def forward(self, q, k, v, prepared, dropout_p=0.0):
-        compiled = None
-        if q.is_cuda:
-            if self._compiled is None:
-                from torch.nn.attention.flex_attention import flex_attention as eager
-
-                self._compiled = torch.compile(eager, dynamic=False)
-            compiled = self._compiled
-        return flex_attention(q, k, v, prepared, compiled=compiled)
+        return flex_attention(q, k, v, prepared)
