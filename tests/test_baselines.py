@@ -122,11 +122,17 @@ def test_target_density_validation():
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_config_file_parses_and_documents_every_option(name):
-    text = (CONF / f"{name}.yaml").read_text()
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    """``attention=<name>`` as Hydra composes it (the file extends conf/attention/base/common.yaml)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", overrides=[f"attention={name}"]).attention)
     spec = AttentionSpec.parse(cfg)
     assert spec.name == name and spec.backend == "auto"
     assert set(spec.options) == AttentionSpec.allowed_options(name)  # every builder option is in the file
+    text = (CONF / f"{name}.yaml").read_text() + (CONF / "base" / "common.yaml").read_text()
     for key in cfg:
         if key != "name":
             line = next(line for line in text.splitlines() if line.startswith(f"{key}:"))
