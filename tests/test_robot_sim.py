@@ -38,6 +38,19 @@ def test_env_from_env_args_is_seeded_and_renders(lift):
     assert not np.allclose(lift.object_position(), cube)  # another seed, another placement
 
 
+def test_seeded_reset_leaves_the_global_rng_alone(lift):
+    """Before: reset(seed) called np.random.seed, reseeding every np.random user during training."""
+    np.random.seed(123)
+    expected = np.random.random(3)
+    np.random.seed(123)
+    lift.reset(seed=7)
+    placed = lift.object_position()
+    assert np.array_equal(np.random.random(3), expected)
+    np.random.seed(5)  # the placement comes from the seed alone, whatever the global state
+    lift.reset(seed=7)
+    assert np.array_equal(lift.object_position(), placed)
+
+
 def test_a_few_expert_steps_move_towards_the_cube(lift):
     from fibo.envs.experts import LiftExpert
 

@@ -8,9 +8,10 @@ run's logger: ``rollout/success_rate``, ``rollout/success_ci_low`` / ``_high`` (
 ``video_episodes`` episodes (``rollouts/epoch<E>.mp4``) and the per-seed outcomes
 (``rollouts/epoch<E>.json``) for paired comparisons.
 
-A dataset without ``env_args`` trains normally and the rollouts are refused with a warning that says
-why; an environment that cannot be built (or rendered) stops the run before training, naming the
-reason and how to fix it.
+Rollouts run on global rank zero only (under DDP the other processes wait and receive the record);
+the simulator's seeding is its own (no global RNG is touched). A dataset without ``env_args`` trains
+normally and the rollouts are refused with a warning that says why; an environment that cannot be
+built (or rendered) stops the run before training, naming the reason and how to fix it.
 """
 
 from __future__ import annotations
@@ -47,17 +48,22 @@ class RolloutEvaluation(L.Callback):
         self.seed, self.horizon = seed, horizon
         self.video_episodes, self.video_camera, self.video_size = video_episodes, video_camera, video_size
         self.num_threads = num_threads
-        self.env = None
+        self.env = None  # on global rank zero only
+        self._active = False  # rollouts run (on every process: rank zero rolls out, the others wait)
+        self._camera = video_camera
         self.refused: str | None = None
         self.results: list[dict] = []
 
     # -- environment --------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from fibo.envs.sim import EnvCreationError, camera_of, make_env
+    def make_env(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """The environment of ``trainer.datamodule``'s ``env_args`` (None, with ``self.refused`` set,
+        when the dataset has none). Called on global rank zero only.
 
-        if trainer.fast_dev_run:
-            self.refused = "fast_dev_run"
-            return
+        Raises:
+            EnvCreationError: the environment cannot be built or rendered.
+        """
+        from fibo.envs.sim import camera_of, make_env
+
         datamodule = trainer.datamodule
         env_args = getattr(datamodule, "env_args", None)
         source = str(getattr(datamodule, "path", "the dataset"))
@@ -68,29 +74,45 @@ class RolloutEvaluation(L.Callback):
             log.warning(self.refused)
             if trainer.logger is not None and hasattr(trainer.logger, "experiment") and hasattr(trainer.logger, "run_id"):
                 trainer.logger.experiment.set_tag(trainer.logger.run_id, "rollout_refused", self.refused[:5000])
-            return
-        try:
-            self.env = make_env(env_args, image_keys=list(getattr(pl_module.model, "rgb_keys", [])),
-                                image_size=getattr(datamodule, "img_size", None), source=source)
-            self._camera = self.video_camera or (camera_of(self.env.image_keys[0]) if self.env.image_keys else "agentview")
-            self.env.reset(seed=self.seed)
-            if self.video_episodes:
-                self.env.render(self._camera, self.video_size)
-        except EnvCreationError as err:
-            raise EnvCreationError(f"{err} (to train without rollouts: callbacks.rollout=null)") from err
+            return None
+        env = make_env(env_args, image_keys=list(getattr(pl_module.model, "rgb_keys", [])),
+                       image_size=getattr(datamodule, "img_size", None), source=source)
+        self._camera = self.video_camera or (camera_of(env.image_keys[0]) if env.image_keys else "agentview")
+        env.reset(seed=self.seed)
+        if self.video_episodes:
+            env.render(self._camera, self.video_size)
         self.horizon = self.horizon or int(getattr(datamodule, "rollout_horizon", 150))
+        return env
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank zero builds the environment; every process learns whether rollouts run (or why the
+        environment failed: all processes raise, none waits for the others)."""
+        from fibo.envs.sim import EnvCreationError
+
+        if trainer.fast_dev_run:
+            self.refused = "fast_dev_run"
+            return
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self.env = self.make_env(trainer, pl_module)
+            except EnvCreationError as err:
+                error = f"{err} (to train without rollouts: callbacks.rollout=null)"
+        error, self.refused, self._active = trainer.strategy.broadcast(
+            (error, self.refused, self.env is not None), src=0)
+        if error:
+            raise EnvCreationError(error)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.env is not None:
+        if self._active:
             if self.at_end and trainer.current_epoch > 0 and not trainer.interrupted:
                 last = max(trainer.current_epoch - 1, 0)
                 if not self.results or self.results[-1]["epoch"] != last:
                     self.evaluate(trainer, pl_module, last)
-            self.env.close()
-            self.env = None
+        self._close()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.env is None or not self.every_n_epochs:
+        if not self._active or not self.every_n_epochs:
             return
         epoch = trainer.current_epoch
         is_last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
@@ -98,12 +120,25 @@ class RolloutEvaluation(L.Callback):
             self.evaluate(trainer, pl_module, epoch)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self.env is not None:
             self.env.close()
             self.env = None
+        self._active = False
 
     # -- one evaluation -----------------------------------------------------------------------------
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> dict:
+        """Roll out on global rank zero (the other processes wait) and broadcast the record, so that
+        every process holds the same ``results``. Metrics go to the logger (rank zero), never into
+        ``trainer.callback_metrics``; the run's headline reads ``results`` (:func:`fibo.cli.fit_result`)."""
+        record = self._roll_out(trainer, pl_module, epoch) if trainer.is_global_zero else None
+        record = trainer.strategy.broadcast(record, src=0)
+        self.results.append(record)
+        return record
+
+    def _roll_out(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> dict:
         from fibo.envs.rollout import rollout_seeds, run_rollouts
 
         seeds = rollout_seeds(self.num_episodes, self.seed)
@@ -124,13 +159,9 @@ class RolloutEvaluation(L.Callback):
         log.info("epoch %d rollouts: success %.3f [%.3f, %.3f] over %d episodes (mean length %.1f, %.0f s)", epoch,
                  result["success_rate"], result["success_ci_low"], result["success_ci_high"], result["episodes"],
                  result["mean_length"], result["seconds"])
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        record = {"epoch": epoch, "seeds": seeds, "successes": [bool(s) for s in result["successes"]],
-                  **{k: v for k, v in metrics.items()}}
-        self.results.append(record)
+        record = {"epoch": epoch, "seeds": seeds, "successes": [bool(s) for s in result["successes"]], **metrics}
         self._log_artifacts(trainer, epoch, record, result["frames"])
         return record
 

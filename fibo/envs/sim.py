@@ -170,8 +170,7 @@ class RobosuiteEnv:
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         """Reset; ``seed`` fixes the initial object placement (same seed, same placement)."""
-        if seed is not None:
-            np.random.seed(seed)  # robosuite's samplers draw from an rng given at construction or np.random
+        if seed is not None:  # robosuite >= 1.5 draws placements and joint noise from these generators only
             rng = np.random.default_rng(seed)
             self.env.rng = rng
             sampler = getattr(self.env, "placement_initializer", None)
