@@ -133,12 +133,11 @@ def round_robin(fns: dict[str, Callable[[], object]], device, budget_s: float, m
 
 def attention_rows(n: int, heads: int, dim: int, batch: int, backends: list[str], device: torch.device,
                    budget_s: float, pattern: dict, max_mask_bytes: int = 2**28, min_reps: int = 3) -> list[dict]:
-    from fibo.attention import AttentionSpec
-    from fibo.attention.sparse import index_table
+    from fibo.attention import PATTERNS
 
     L = n + 1
     opts = {k: v for k, v in pattern.items() if k != "name"}
-    spec = AttentionSpec.parse(pattern)
+    layout = PATTERNS[pattern["name"]](**opts).layout(n, heads, 0, True)
     meta: dict[str, dict] = {}
     fwd: dict[str, Callable] = {}
     fb: dict[str, Callable] = {}
@@ -168,29 +167,27 @@ def attention_rows(n: int, heads: int, dim: int, batch: int, backends: list[str]
                 meta[b] = {**info, "note": f"skipped: dense mask of {mask_bytes / 2**20:.0f} MiB (slowest path)"}
                 continue
             t = time.perf_counter()
-            mask = spec.mask(n, heads, 0).to(device)
+            mask = layout.mask().to(device)
             info.update(build_ms=(time.perf_counter() - t) * 1e3, build_mib=mask.numel() / 2**20)
             f = lambda mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif b == "sparse":
-            from fibo.attention.sparse import extension_available, sparse_attention, table_from_offsets
-            from fibo.attention.baselines import TOEPLITZ_OFFSETS
+            from fibo.attention.backends.cpu_sparse import extension_available, sparse_attention
 
             if device.type != "cpu" or not extension_available():
                 meta[b] = {**info, "note": "skipped: CPU kernel unavailable on this device"}
                 continue
-            t = time.perf_counter()  # built fresh (not from the cache) to time it
-            table = table_from_offsets(TOEPLITZ_OFFSETS["fibottention"](n, heads, 0, **opts), n, True)
+            t = time.perf_counter()
+            table = layout.table()
             info.update(build_ms=(time.perf_counter() - t) * 1e3, build_mib=table.nbytes / 2**20)
-            index_table("fibottention", opts, n, heads, 0, True)
             f = lambda table=table: sparse_attention(q, k, v, table)
         elif b == "flex":
-            from fibo.attention.flex import flex_attention, flex_block_mask
+            from fibo.attention.backends.flex import block_mask, flex_attention
 
             if device.type != "cuda":
                 meta[b] = {**info, "note": "skipped: FlexAttention has no CPU backward (GPU: scripts/gpu_check.py)"}
                 continue
             t = time.perf_counter()
-            bm = flex_block_mask("fibottention", opts, n, heads, 0, True, device)
+            bm = block_mask(layout, device)
             _sync(device)
             info.update(build_ms=(time.perf_counter() - t) * 1e3,
                         build_mib=sum(x.numel() * x.element_size() for x in bm.as_tuple() if torch.is_tensor(x)) / 2**20)
@@ -207,7 +204,7 @@ def attention_rows(n: int, heads: int, dim: int, batch: int, backends: list[str]
     t_fb = round_robin(fb, device, 2 * budget_s / 3, min_reps, 20 if small else 7)
     peaks = {b: measure_peak_mib(fb[b], device) for b in fb}
     ref_fwd, ref_fb = _stats(t_fwd["dense"])[0], _stats(t_fb["dense"])[0]
-    dens = index_table("fibottention", opts, n, heads, 0, True).density
+    dens = layout.density()["density"]
     rows = []
     for b in backends:
         info = meta.get(b, {"note": "skipped"})
@@ -277,6 +274,35 @@ def _fmt(x, nd=2):
     if isinstance(x, float):
         return "nan" if math.isnan(x) else (f"{x:.{nd}f}" if abs(x) < 1e5 else f"{x:.3g}")
     return str(x)
+
+
+CSV_KEYS = ["N", "L", "B", "H", "d", "backend", "density", "fwd_ms", "fwd_iqr_ms", "fwd_ratio", "fb_ms", "fb_iqr_ms",
+            "fb_ratio", "peak_mib", "build_ms", "build_mib", "reps", "note"]
+E2E_KEYS = ["model", "attention", "batch", "step_ms", "step_iqr_ms", "images_per_s", "ratio_to_dense", "steps"]
+
+
+def read_csv(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """The attention rows and end-to-end rows of a CSV that :func:`main` wrote, typed as
+    :func:`main` had them, so that :func:`markdown` renders the same table again."""
+    def typed(key, value):
+        if key in ("backend", "reps", "note", "model", "attention"):
+            return value
+        if value == "":
+            return math.nan
+        return int(value) if key in ("N", "L", "B", "H", "d", "batch", "steps") else float(value)
+
+    rows, e2e = [], []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            if raw["model"]:
+                e2e.append({k: typed(k, raw[k]) for k in E2E_KEYS + ["backend", "density"]})
+            else:
+                row = {k: typed(k, raw[k]) for k in CSV_KEYS}
+                if raw["fwd_ms"] == "":  # a skipped backend has no timings
+                    row = {k: v for k, v in row.items() if k in ("N", "L", "B", "H", "d", "backend", "density",
+                                                                  "build_ms", "build_mib", "note")}
+                rows.append(row)
+    return rows, e2e
 
 
 def markdown(rows, e2e_rows, args, env: dict) -> str:
@@ -350,7 +376,7 @@ def main(argv=None) -> int:
         ["dense", "sdpa_mask", "flex"] if device.type == "cuda" else ["dense", "sdpa_mask", "sparse"])
     pattern = {"name": "fibottention", "modified": args.pattern == "fibottention_modified"}
     if "sparse" in backends and device.type == "cpu":
-        from fibo.attention.sparse import load_extension
+        from fibo.attention.backends.cpu_sparse import load_extension
 
         t = time.perf_counter()
         load_extension()
@@ -385,15 +411,12 @@ def main(argv=None) -> int:
     stem = args.stem or ("sparse_attention_benchmark" + ("_quick" if args.quick else "") + ("_cuda" if device.type == "cuda" else ""))
     out = Path(args.out or ("logs/bench" if args.quick else "experiments"))
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["N", "L", "B", "H", "d", "backend", "density", "fwd_ms", "fwd_iqr_ms", "fwd_ratio", "fb_ms", "fb_iqr_ms",
-            "fb_ratio", "peak_mib", "build_ms", "build_mib", "reps", "note"]
     csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
     with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys + ["model", "attention", "batch", "step_ms", "step_iqr_ms", "images_per_s",
-                                                 "ratio_to_dense", "steps"], extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=CSV_KEYS + E2E_KEYS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-        w.writerows({**r, "backend": r["backend"]} for r in e2e)
+        w.writerows(e2e)
     md_path.write_text(markdown(rows, e2e, args, env))
     print(f"fibo-bench: wrote {csv_path} and {md_path}")
     if args.mlflow:

@@ -35,3 +35,19 @@ def test_peak_memory_counts_what_the_call_allocates():
     big = bench.measure_peak_mib(lambda: bench.torch.ones(96 * 2**20 // 4).sum(), cpu)  # touches 96 MiB
     small = bench.measure_peak_mib(lambda: bench.torch.ones(16).sum(), cpu)
     assert 80 < big < 200 and small < 20
+
+
+def test_recorded_markdown_is_what_fibo_bench_renders_from_its_csv():
+    """experiments/sparse_attention_benchmark.md had hand-edited lines (an old end-to-end table and a
+    stale 'not measured yet'); its generated part must be markdown(read_csv(its CSV))."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    recorded = Path(__file__).resolve().parents[1] / "experiments" / "sparse_attention_benchmark"
+    md = recorded.with_suffix(".md").read_text()
+    rows, e2e = bench.read_csv(recorded.with_suffix(".csv"))
+    env = {"command": "", "machine": "", "threads": 2, "device": "cpu", "date": ""}  # the header is not compared
+    rendered = bench.markdown(rows, e2e, SimpleNamespace(heads=12, head_dim=64, pattern="fibottention"), env)
+    generated = md.split("\n## Notes (written by hand, not by fibo-bench)", 1)[0]
+    assert generated.split("Targets:", 1)[1] == rendered.split("Targets:", 1)[1]
+    assert len(rows) == 18 and len(e2e) == 2

@@ -60,7 +60,6 @@ class MetaworldExpert:
         import metaworld.policies as policies
 
         name = "Sawyer" + "".join(part.capitalize() for part in task.split("-")) + "Policy"
-        name = name.replace("V3Policy", "V3Policy").replace("v3", "V3")
         if not hasattr(policies, name):
             known = sorted(n for n in dir(policies) if n.endswith("Policy"))
             raise ValueError(f"metaworld ships no policy {name} for task {task!r}; known: {known[:10]}...")
