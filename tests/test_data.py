@@ -9,12 +9,12 @@ from PIL import Image
 
 from fibo.data.images import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
 
-COMMON = dict(img_size=16, patch_size=4, num_classes=3, in_chans=3, batch_size=4, mean=[0.5] * 3, std=[0.5] * 3)
+COMMON = dict(img_size=16, num_classes=3, in_chans=3, batch_size=4, mean=[0.5] * 3, std=[0.5] * 3)
 
 
 def test_digits_splits_are_fixed_and_disjoint():
-    a = DigitsDataModule(img_size=16, patch_size=2, in_chans=1, mean=[0.3], std=[0.4], split_seed=0, batch_size=64)
-    b = DigitsDataModule(img_size=16, patch_size=2, in_chans=1, mean=[0.3], std=[0.4], split_seed=0)
+    a = DigitsDataModule(img_size=16, in_chans=1, mean=[0.3], std=[0.4], split_seed=0, batch_size=64)
+    b = DigitsDataModule(img_size=16, in_chans=1, mean=[0.3], std=[0.4], split_seed=0)
     a.setup(), b.setup()
     assert a.split_sizes() == {"train": 1300, "val": 200, "test": 297}
     idx = {k: set(getattr(a, f"{k}_set").base.indices) for k in ("train", "val", "test")}
@@ -29,9 +29,29 @@ def test_digits_splits_are_fixed_and_disjoint():
         assert len({ds.dataset.labels[i] for i in ds.indices}) == 10
 
 
-def test_digits_needs_divisible_size():
-    with pytest.raises(ValueError, match="image size 18 is not divisible by patch size 4"):
-        DigitsDataModule(img_size=18, patch_size=4, in_chans=1, mean=[0.3], std=[0.4])
+def test_non_square_images_as_timm_takes_them():
+    """data.img_size=[16, 24]: (H, W) through timm's transforms, for training and evaluation."""
+    from omegaconf import OmegaConf
+
+    dm = DigitsDataModule(img_size=OmegaConf.create([16, 24]), in_chans=1, mean=[0.3], std=[0.4], batch_size=8,
+                          augment={"scale": [0.85, 1.0], "ratio": [0.9, 1.1]})
+    dm.setup()
+    assert dm.img_size == (16, 24)
+    for loader in (dm.train_dataloader(), dm.test_dataloader()):
+        images, _ = next(iter(loader))
+        assert images.shape == (8, 1, 16, 24)
+    # an 8x8 digit resized (keeping its ratio, timm's eval resize) to 24x24 and centre-cropped to 16x24
+    image = dm.test_set.base[0][0]
+    assert tuple(dm.test_set.transform(image).shape) == (1, 16, 24)
+
+
+@pytest.mark.parametrize("img_size, shown", [(0, "0"), (-16, "-16"), ([16, 0], "[16, 0]"), ([16, 24, 3], "[16, 24, 3]"),
+                                             ("16", "'16'")])
+def test_bad_image_sizes_are_refused_at_construction(img_size, shown):
+    with pytest.raises(ValueError) as info:
+        DigitsDataModule(img_size=img_size, in_chans=1, mean=[0.3], std=[0.4])
+    assert str(info.value) == (f"data.img_size={shown} is not a positive side in pixels or [height, width] of positive "
+                               "ints: e.g. data.img_size=32 or data.img_size=[16,24]")
 
 
 def test_cifar_missing_says_how_to_get_it(tmp_path):
@@ -124,7 +144,7 @@ def test_image_datamodule_report():
     from fibo.data.images import DigitsDataModule
     from fibo.data.report import DataReport
 
-    dm = DigitsDataModule(img_size=16, patch_size=2)
+    dm = DigitsDataModule(img_size=16)
     assert dm.report() == DataReport()  # before setup: nothing to report
     dm.setup()
     metrics = dm.report().metrics
@@ -139,7 +159,7 @@ def test_overfit_trains_without_the_augmentation_recipe():
     from fibo.data.images import DigitsDataModule
 
     recipe = {"auto_augment": "rand-m9-mstd0.5-inc1"}
-    normal, overfit, plain = (DigitsDataModule(img_size=16, patch_size=2, augment=a) for a in (recipe, recipe, None))
+    normal, overfit, plain = (DigitsDataModule(img_size=16, augment=a) for a in (recipe, recipe, None))
     overfit._trainer = SimpleNamespace(overfit_batches=1)
     for dm in (normal, overfit, plain):
         dm.setup()

@@ -233,3 +233,15 @@ def test_train_and_valid_masks_sharing_demos_is_an_error(tmp_path):
         f.create_dataset("mask/valid", data=np.array(["demo_8", "demo_0"], dtype="S"))
     with pytest.raises(DatasetError, match=r"share 1 demo\(s\) \(demo_0\), so validation"):
         split_demos(inspect_hdf5(path, [], LOW_DIM), "train", "valid", 0.1, seed=0, path=str(path))
+
+
+def test_bad_camera_sizes_are_refused_at_construction(tmp_path):
+    for img_size, message in [
+        (0, "data.img_size=0 is not a positive side in pixels: e.g. data.img_size=32"),
+        (-84, "data.img_size=-84 is not a positive side in pixels: e.g. data.img_size=32"),
+        ([84, 64], "data.img_size=[84, 64]: robot camera images are square (rendered img_size x img_size); give one "
+                   "side in pixels, e.g. data.img_size=64"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            RobomimicDataModule(str(tmp_path / "tiny.hdf5"), img_size=img_size)
+        assert str(info.value) == message

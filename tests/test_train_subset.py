@@ -7,7 +7,7 @@ import pytest
 from fibo.data.images import DigitsDataModule
 from fibo.data.subset import resolve_train_samples, seeded_prefix, stratified_subset
 
-DIGITS = dict(img_size=16, patch_size=2, in_chans=1, mean=[0.3], std=[0.4])
+DIGITS = dict(img_size=16, in_chans=1, mean=[0.3], std=[0.4])
 
 
 def digits(**kwargs) -> DigitsDataModule:

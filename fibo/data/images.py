@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from fibo.data.report import DataReport
 from fibo.data.subset import resolve_train_samples, stratified_subset
-from fibo.data.transforms import build_transform
+from fibo.data.transforms import build_transform, check_img_size
 
 
 class TransformedDataset(Dataset):
@@ -88,9 +88,8 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         data_dir: where datasets live (``paths.data_dir``).
-        img_size: side in pixels fed to the model (images are resized to it).
-        patch_size: the patch size model configs read (``${data.patch_size}``); checked here so that a
-            bad pair fails before anything is loaded.
+        img_size: side in pixels fed to the model (images are resized to it), or ``[height, width]``
+            (timm's ``(H, W)``).
         num_classes, in_chans: what the model is built for; checked against the data.
         batch_size, num_workers: loader settings (``num_workers=0`` loads in the main process).
         mean, std: per-channel normalisation.
@@ -101,7 +100,9 @@ class ImageDataModule(L.LightningDataModule):
             val/test unchanged.
 
     Raises:
-        ValueError: image size not divisible by patch size; ``train_samples`` out of range (at setup).
+        ValueError: image size not positive (:func:`fibo.data.transforms.check_img_size`; its
+            divisibility by the patch size is the model's check, ``model.patch_size``);
+            ``train_samples`` out of range (at setup).
     """
 
     name = "images"
@@ -109,8 +110,7 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        img_size: int = 32,
-        patch_size: int = 4,
+        img_size: int | Sequence[int] = 32,
         num_classes: int = 10,
         in_chans: int = 3,
         batch_size: int = 128,
@@ -122,13 +122,11 @@ class ImageDataModule(L.LightningDataModule):
         train_samples: int | float | None = None,
     ) -> None:
         super().__init__()
-        from fibo.models.vit import check_patch_grid
-
-        check_patch_grid(img_size, patch_size)
+        img_size = check_img_size(img_size)
         if len(mean) != in_chans or len(std) != in_chans:
             raise ValueError(f"data.mean/std need {in_chans} values (in_chans), got {list(mean)} / {list(std)}")
         self.data_dir = Path(data_dir)
-        self.img_size, self.patch_size = img_size, patch_size
+        self.img_size = img_size
         self.num_classes, self.in_chans = num_classes, in_chans
         self.batch_size, self.num_workers = batch_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)

@@ -267,6 +267,9 @@ class RobomimicDataModule(L.LightningDataModule):
         self.train_filter, self.valid_filter = train_filter, valid_filter
         self.valid_fraction, self.split_seed = valid_fraction, split_seed
         self.hdf5_cache_mode = hdf5_cache_mode
+        from fibo.data.transforms import check_img_size
+
+        img_size = check_img_size(img_size, square_only="robot camera images are square (rendered img_size x img_size)")
         self.img_size, self.rollout_horizon, self.std_min = img_size, rollout_horizon, std_min
         self.object_dim, self.num_demos = object_dim, num_demos
         self.info: dict[str, Any] | None = None

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fibo.data.report import DataReport
+from fibo.data.transforms import check_img_size
 from fibo.data.subset import resolve_train_samples, stratified_subset
 from fibo.data._pytorchvideo import ensure_pytorchvideo_importable
 from fibo.data.video_io import (
@@ -183,7 +184,8 @@ class VideoDataModule(L.LightningDataModule):
 
     Args:
         num_frames (T), sampling_rate: clip = T frames every ``sampling_rate`` frames.
-        img_size: crop side in pixels (what the model sees); ``patch_size`` is checked against it.
+        img_size: crop side in pixels (what the model sees; positive, square; its divisibility by
+            ``model.patch_size`` is the model's check).
         test_clips, test_crops: test views per video (their softmax outputs summed per video).
         cache_frames: decode every video once at setup and keep its frames in memory (for small
             datasets such as the embedded one; a full decode also catches damage anywhere in a file).
@@ -207,7 +209,7 @@ class VideoDataModule(L.LightningDataModule):
 
     def __init__(self, root: str | None = None, train_list: str | None = None, val_list: str | None = None,
                  test_list: str | None = None, generate: str | None = None, num_classes: int = 4,
-                 in_chans: int = 3, img_size: int = 32, patch_size: int = 4, num_frames: int = 8,
+                 in_chans: int = 3, img_size: int = 32, num_frames: int = 8,
                  sampling_rate: int = 2, test_clips: int = 2, test_crops: int = 1, batch_size: int = 16,
                  num_workers: int = 0, mean: Sequence[float] = (0.45, 0.45, 0.45),
                  std: Sequence[float] = (0.225, 0.225, 0.225), hflip: float = 0.5,
@@ -215,9 +217,7 @@ class VideoDataModule(L.LightningDataModule):
                  pad_short_videos: bool = False, train_samples: int | float | None = None,
                  split_seed: int = 0) -> None:
         super().__init__()
-        from fibo.models.vit import check_patch_grid
-
-        check_patch_grid(img_size, patch_size)
+        img_size = check_img_size(img_size, square_only="video clips are square crops (pytorchvideo's uniform_crop)")
         if on_bad_video not in ON_BAD_VIDEO:
             raise ValueError(f"data.on_bad_video={on_bad_video!r}: choose one of {list(ON_BAD_VIDEO)}")
         if generate not in (None, "moving_digits"):
@@ -228,7 +228,7 @@ class VideoDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser() if root else None
         self.lists = {"train": train_list, "val": val_list, "test": test_list}
         self.generate, self.num_classes, self.in_chans = generate, num_classes, in_chans
-        self.img_size, self.patch_size = img_size, patch_size
+        self.img_size = img_size
         self.num_frames, self.sampling_rate = num_frames, sampling_rate
         self.views = (test_clips, test_crops)
         self.batch_size, self.num_workers = batch_size, num_workers
