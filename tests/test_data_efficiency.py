@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from conftest import fibo_run, mlflow_runs
+from fibo import compare
 from fibo.cli import CONF_DIR
 from fibo.models import create_model
 
@@ -66,3 +67,16 @@ def test_the_overlay_runs_each_variant_on_a_subset(tmp_path):
         assert run.data.params["data/train_samples"] == "100" and run.data.metrics["data/train_samples"] == 100
     assert by_attention["longformer"].data.metrics["attention/density_patch"] == pytest.approx(436 / 4096)
     assert by_attention["fibottention"].data.metrics["attention/density_patch"] == pytest.approx(0.0936, abs=5e-5)
+
+    # fibo-compare draws these runs against the param fibo-run logged: one row per variant, one column
+    # (fast_dev_run logs no training metrics: the density, logged at the start, stands in for one)
+    result = compare.compare(["data-efficiency"], tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                             metric="attention/density_patch", x="data.train_samples", out_dir=tmp_path / "compare",
+                             log=False, quiet=True)
+    assert result.x == "data/train_samples" and result.warnings == []
+    rows = {r["attention"]: r for r in result.rows}
+    assert sorted(rows) == sorted(VARIANTS)
+    for attention, row in rows.items():
+        density = by_attention[attention].data.metrics["attention/density_patch"]
+        assert row["train_samples=100"] == f"{density:.4f} ± - (1)"
+    assert (tmp_path / "compare" / "comparison.png").stat().st_size > 10_000
