@@ -111,6 +111,26 @@ def test_imagefolder_train_val_layout(tmp_path):
     assert images.shape == (4, 3, 16, 16)
 
 
+def test_imagefolder_and_cifar_train_samples(tmp_path, monkeypatch):
+    """data.train_samples goes through the shared setup: a stratified subset of the train split only."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    _write_folder(tmp_path / "folder" / "train", per_class=9)
+    _write_folder(tmp_path / "folder" / "val", per_class=2)
+    dm = ImageFolderDataModule(root=str(tmp_path / "folder"), val_fraction=1 / 3, train_samples=6, **COMMON)
+    dm.setup()
+    assert dm.split_sizes() == {"train": 6, "val": 9, "test": 6}
+    assert sorted(label for _, label in dm.train_set) == [0, 0, 1, 1, 2, 2]
+    _write_fake_cifar(tmp_path / "c")
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    dm = CIFARDataModule(variant="cifar10", data_dir=str(tmp_path / "c"), val_size=20, train_samples=0.5,
+                         **{**COMMON, "num_classes": 10})
+    dm.setup()
+    assert dm.split_sizes() == {"train": 90, "val": 20, "test": 20}
+    assert np.bincount([label for _, label in dm.train_set.base]).tolist() == [9] * 10
+
+
 def test_imagefolder_tiny_imagenet_layout(tmp_path):
     classes = ("n01443537", "n01629819", "n01641577")
     for c in classes:
