@@ -1,8 +1,9 @@
 """LightningDataModules for image classification: digits (bundled), CIFAR-10/100, image folders.
 
-Every module yields ``(images, labels)`` batches: ``images`` float ``(B, C, img_size, img_size)``
-normalised per channel, ``labels`` int64 ``(B,)``. Splits are fixed by ``split_seed`` (independent
-of the training seed), so every run of a sweep sees the same train/val/test images.
+Every module yields ``(images, labels)`` batches: ``images`` float ``(B, C, H, W)`` (``img_size``
+square, or ``(H, W)``) normalised per channel, ``labels`` int64 ``(B,)``. Splits are fixed by
+``split_seed`` (independent of the training seed), so every run of a sweep sees the same
+train/val/test images; ``train_samples`` trains on a nested, stratified subset of the train split.
 """
 
 from __future__ import annotations

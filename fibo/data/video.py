@@ -2,7 +2,8 @@
 
 Batches are ``(clips, labels, video_index)``: ``clips`` float ``(B, C, T, H, W)`` normalised per
 channel, ``labels`` int64 ``(B,)``, ``video_index`` int64 ``(B,)`` (which video of the split a clip
-comes from, used to combine the test views of one video).
+comes from, used to combine the test views of one video). A view whose video fails to decode is
+left out of its batch and counted (:class:`ClipLoader`), never replaced by another video's clip.
 
 Sampling follows SlowFast/TimeSformer: a clip is ``num_frames`` frames taken every
 ``sampling_rate`` frames. Training: one random clip per video, random resized crop, optional
