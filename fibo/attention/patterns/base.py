@@ -29,7 +29,7 @@ import torch
 from fibo.attention.patterns.table import IndexTable, table_from_mask
 
 __all__ = ["Pattern", "OffsetPattern", "MaskPattern", "Layout", "OffsetLayout", "MaskLayout", "DenseLayout",
-           "rows_attending_self", "mask_density", "check_sizes"]
+           "rows_attending_self", "toeplitz_pairs", "mask_density", "check_sizes"]
 
 
 def check_sizes(num_tokens: int, num_heads: int) -> None:
@@ -38,6 +38,13 @@ def check_sizes(num_tokens: int, num_heads: int) -> None:
         raise ValueError(f"num_tokens (patch tokens, CLS excluded) must be >= 1, got {num_tokens}")
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+
+
+def toeplitz_pairs(offsets, num_tokens: int) -> int:
+    """(query, key) pairs of an ``N x N`` block with ``|q - k|`` in ``offsets`` (duplicates count once,
+    offsets outside ``[0, N)`` connect nothing): ``N`` for offset 0, ``2 (N - o)`` for ``o > 0``."""
+    n = num_tokens
+    return sum((n - o) * (1 if o == 0 else 2) for o in set(offsets) if 0 <= o < n)
 
 
 def rows_attending_self(has_key, cls_token: bool):
@@ -166,9 +173,7 @@ class OffsetLayout(Layout):
 
     @property
     def patch_nnz(self) -> int:
-        n = self.num_tokens
-        pairs = sum((n - d) * (1 if d == 0 else 2) for dist in self.distances for d in dist)
-        return pairs + int(self.self_rows.sum())
+        return sum(toeplitz_pairs(d, self.num_tokens) for d in self.distances) + int(self.self_rows.sum())
 
     def _lut(self, width: int) -> torch.Tensor:
         """``(H, width)`` bool: is distance ``d`` allowed in head ``h`` (``width > N`` leaves the tail False)."""

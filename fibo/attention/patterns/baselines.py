@@ -1,12 +1,12 @@
 """The sparse attention patterns the Fibottention paper compares against, as :class:`Pattern` objects.
 
 Same conventions as every pattern (:mod:`fibo.attention.patterns.base`): the CLS row and column are
-dense and the pattern applies to the ``N x N`` patch block. Random patterns draw from a local :class:`torch.Generator` seeded from ``(seed, depth)``; no builder
-touches a global RNG. Each builder takes ``target_density``: when set (a fraction of the ``N x N``
-patch block, e.g. ``0.0199`` = Fibottention's ViT-B density at N=196), the pattern's size parameter
-is chosen so the patch-block density is as close to it as the parameter allows (FLOP-equivalent
-comparisons, as in the paper's comparison table); the density reached is what the layout's ``density()`` reports and
-what training logs.
+dense and the pattern applies to the ``N x N`` patch block. Random patterns draw from a local
+:class:`torch.Generator` seeded from ``(seed, depth)``; nothing touches a global RNG. Each pattern
+takes ``target_density``: when set (a fraction of the ``N x N`` patch block, e.g. ``0.0199`` =
+Fibottention's ViT-B density at N=196), its size parameter is chosen so the patch-block density is
+as close to it as the parameter allows (FLOP-equivalent comparisons, as in the paper's comparison
+table); the density reached is what the layout's ``density()`` reports and what training logs.
 
 Patterns (all bidirectional, as ViTs are; token distance = ``|q - k|`` in patch raster order):
 
@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from fibo.attention.patterns.base import MaskPattern, OffsetPattern, check_sizes
+from fibo.attention.patterns.base import MaskPattern, OffsetPattern, check_sizes, toeplitz_pairs
 
 __all__ = ["Longformer", "Dilated", "SparseTransformer", "BigBird", "Random", "longformer_offsets",
            "dilated_offsets", "sparse_transformer_offsets", "toeplitz_density"]
@@ -38,9 +38,7 @@ __all__ = ["Longformer", "Dilated", "SparseTransformer", "BigBird", "Random", "l
 def toeplitz_density(offsets: list[int], num_tokens: int) -> float:
     """Patch-block density of a symmetric Toeplitz pattern: token ``t`` attends ``t +- o`` for
     ``o`` in ``offsets`` (duplicates and offsets ``>= N`` ignored). A value in [0, 1]."""
-    n = num_tokens
-    pairs = sum((n - o) * (1 if o == 0 else 2) for o in set(offsets) if 0 <= o < n)
-    return pairs / (n * n)
+    return toeplitz_pairs(offsets, num_tokens) / num_tokens**2
 
 
 def _closest(candidates: list[int], density_of: Callable[[int], float], target: float) -> int:
