@@ -133,6 +133,16 @@ def test_bad_attention_configs():
         Attention(50, num_heads=3)
 
 
+def test_layer_reference_backend_matches_sdpa_with_dropout_off():
+    torch.manual_seed(0)
+    layers = {b: Attention(48, num_heads=3, attention={"name": "fibottention", "modified": True, "backend": b}, layer_index=4)
+              for b in ("reference", "sdpa")}
+    layers["reference"].load_state_dict(layers["sdpa"].state_dict())
+    x = torch.randn(2, 1 + 40, 48)
+    torch.testing.assert_close(layers["reference"](x), layers["sdpa"](x), atol=2e-6, rtol=1e-5)
+    assert layers["reference"].backend_for(40, x.device, x.dtype, requires_grad=True).name == "reference"
+
+
 def test_math_reference_backend_matches_sdpa():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 21, 8, dtype=torch.float64) for _ in range(3))

@@ -136,10 +136,6 @@ class DenseLayout(Layout):
     def patch_nnz(self) -> int:
         return self.num_heads * self.num_tokens**2
 
-    @property
-    def nnz(self) -> int:
-        return self.num_heads * self.seq_len**2
-
     def mask(self) -> None:
         return None
 
