@@ -34,6 +34,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fibo.attention import Attention, AttentionSpec
 
 log = logging.getLogger("fibo")
 METRICS = ("cost/attention_flops", "cost/attention_flops_dense", "cost/model_flops", "cost/model_flops_dense")
@@ -84,10 +87,6 @@ def forward_cost(model: nn.Module, *args: Any, **kwargs: Any) -> Cost:
     Raises:
         ValueError: no tensor in the arguments (no batch size).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from fibo.attention import Attention, AttentionSpec
-
     batch = _batch_size((args, kwargs))
     if batch is None:
         raise ValueError("forward_cost needs the model's input as tensors (none among the arguments)")
