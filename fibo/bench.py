@@ -342,21 +342,43 @@ def markdown(rows, e2e_rows, args, env: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive_ints(text: str) -> list[int]:
+    """``"196,784"`` -> ``[196, 784]``; argparse's error for anything but positive integers."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated positive token counts, e.g. 196,784")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive integer")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="fibo-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"N in {QUICK_SIZES}, short budgets, dense-mask path only up to N=784, batch-2 ViT (about a minute)")
-    p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    p.add_argument("--sizes", type=_positive_ints, default=None,
                    help=f"comma-separated N (default {','.join(map(str, FULL_SIZES))})")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=None, help="attention batch (default max(1, 1568 // N))")
+    p.add_argument("--heads", type=_positive_int, default=12)
+    p.add_argument("--head-dim", type=_positive_int, default=64)
+    p.add_argument("--batch", type=_positive_int, default=None, help="attention batch (default max(1, 1568 // N))")
     p.add_argument("--backends", default=None, help="comma-separated: dense,sdpa_mask,sparse,flex (default: by device)")
     p.add_argument("--pattern", default="fibottention", choices=["fibottention", "fibottention_modified"])
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per N (default 20, quick 3)")
-    p.add_argument("--e2e-batch", type=int, default=None, help="ViT-S/16 batch (default 16, quick 4)")
-    p.add_argument("--e2e-steps", type=int, default=None, help="max timed steps per model (default 6, quick 1)")
+    p.add_argument("--e2e-batch", type=_positive_int, default=None, help="ViT-S/16 batch (default 16, quick 4)")
+    p.add_argument("--e2e-steps", type=_positive_int, default=None, help="max timed steps per model (default 6, quick 1)")
     p.add_argument("--no-e2e", action="store_true", help="skip the ViT-S/16 training throughput")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None,

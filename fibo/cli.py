@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,19 @@ def launch_dir() -> str:
 for _name, _resolver in (("fibo.cwd", launch_dir), ("fibo.run_suffix", lambda: RUN_SUFFIX)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """``seed`` an integer, ``experiment_name`` not empty.
+
+    Raises:
+        ValueError: one line naming the option and what it takes.
+    """
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed={cfg.seed!r} is not an integer: pass seed=<int>, e.g. seed=0")
+    if not str(cfg.experiment_name or "").strip():
+        raise ValueError(f"experiment_name={cfg.experiment_name!r} is empty: pass an MLflow experiment name, "
+                         f"e.g. experiment_name=fibo")
 
 
 def check_overrides(overrides: list[str], conf_dir: str = CONF_DIR) -> None:
@@ -84,8 +98,29 @@ def absolute_cli_paths(cfg: DictConfig, overrides: list[str], cwd: str) -> None:
             OmegaConf.update(cfg, key, str(Path(cwd, value).expanduser()), force_add=False)
 
 
-def _default_run_name(cfg: DictConfig, choices: dict) -> str:
-    return f"{choices.get('model')}-{choices.get('attention')}-{choices.get('data')}-s{cfg.seed}"
+NAMED_GROUPS = ("model", "attention", "data", "seed")  # always in the default run name
+
+
+def _default_run_name(cfg: DictConfig, choices: dict, swept: list[str] = ()) -> str:
+    """``<model>-<attention>-<data>-s<seed>``, then this job's values of what else a sweep varies."""
+    base = f"{choices.get('model')}-{choices.get('attention')}-{choices.get('data')}-s{cfg.seed}"
+    return "-".join([base, *swept])
+
+
+def swept_overrides(job_overrides: list[str], argv: list[str]) -> list[str]:
+    """This job's values (``task.lr=0.01``) of the overrides that the command line ``argv`` sweeps
+    (``task.lr=0.01,0.1``), other than model, attention, data and seed (the default name has them).
+    Empty when ``argv`` sweeps nothing or cannot be parsed (a job launched by a remote launcher)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        swept = {o.key_or_group for o in parser.parse_overrides([a for a in argv if not a.startswith("-")])
+                 if o.is_sweep_override()}
+        jobs = parser.parse_overrides(job_overrides)
+    except Exception:  # noqa: BLE001 - Hydra's parser raises its own types
+        return []
+    return [o.input_line for o in jobs if o.key_or_group in swept and o.key_or_group not in NAMED_GROUPS]
 
 
 def _route_lightning_logs_through_hydra() -> None:
@@ -141,6 +176,7 @@ def train(cfg: DictConfig) -> float | None:
     on: a crash in building, training or testing ends it FAILED (KILLED on Ctrl-C / SIGTERM).
     """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from fibo.tracking import run_lifecycle
 
@@ -148,10 +184,12 @@ def train(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     runtime = hydra_cfg.runtime
     check_overrides(list(hydra_cfg.overrides.task))
+    check_run_options(cfg)
     absolute_cli_paths(cfg, list(hydra_cfg.overrides.task), runtime.cwd)
     choices = dict(runtime.choices)
     if cfg.run_name is None:
-        cfg.run_name = _default_run_name(cfg, choices)
+        swept = swept_overrides(list(hydra_cfg.overrides.task), sys.argv[1:]) if hydra_cfg.mode == RunMode.MULTIRUN else []
+        cfg.run_name = _default_run_name(cfg, choices, swept)
     names = {"test": "test/acc1", "fit": "val/acc1", **(cfg.get("result_metric") or {})}
     with run_lifecycle(cfg, choices, runtime.output_dir) as run:
         built = build(cfg, logger=run.logger)
@@ -166,6 +204,8 @@ def train(cfg: DictConfig) -> float | None:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             tested = trainer.test(task, datamodule=built.datamodule, ckpt_path=best or None, weights_only=False)
             result = tested[0].get(names["test"]) if tested else None
+            if tested and trainer.fast_dev_run:  # Lightning logs nothing under fast_dev_run: keep what is printed
+                run.logger.log_metrics({k: float(v) for k, v in tested[0].items()})
     if run.rank_zero:
         _report(cfg, run, choices, built.metrics, result, names["test" if cfg.test else "fit"])
     return None if result is None else float(result)
@@ -191,7 +231,7 @@ def _report(cfg: DictConfig, run, choices: dict, metrics: dict, result, name: st
         + (f" (attention density {100 * density:.2f}% incl. CLS)" if density is not None else ""),
         f"  MLflow run {run.run_id} ({cfg.run_name}) in experiment '{cfg.experiment_name}'",
         f"  tracking URI: {run.tracking_uri}",
-        f"  browse: mlflow ui --backend-store-uri {run.tracking_uri}",
+        f"  browse: mlflow ui --backend-store-uri {shlex.quote(run.tracking_uri)}",
         "",
     ]
     print("\n".join(lines), flush=True)

@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 RUN_ID_KEY = "fibo_mlflow_run_id"
 RESUME_GROUPS = ("task", "data", "model", "attention")
+PARAM_LIMIT = 250  # characters of a param value that Lightning's MLFlowLogger.log_hyperparams keeps
 log = logging.getLogger("fibo")
 
 
@@ -242,14 +243,19 @@ def load_checkpoint(ckpt_path: str | None) -> dict | None:
     ``RUN_ID_KEY`` entry is the MLflow run it continues (absent for a foreign checkpoint).
 
     Raises:
-        FileNotFoundError: ``ckpt_path`` is not a file.
-        ValueError: ``torch.load`` cannot read it, or it holds no dict.
+        FileNotFoundError: ``ckpt_path`` does not exist. IsADirectoryError: it is a directory (the
+            message lists the .ckpt files inside).
+        ValueError: ``torch.load`` cannot read it, or it is not a Lightning checkpoint.
     """
     import torch
 
     if ckpt_path is None:
         return None
     ckpt = Path(ckpt_path).expanduser()
+    if ckpt.is_dir():
+        inside = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*.ckpt"))[:5]
+        raise IsADirectoryError(f"ckpt_path={ckpt_path} is a directory: pass the .ckpt file"
+                                + (f" (it holds {', '.join(inside)})" if inside else " (it holds no .ckpt file)"))
     if not ckpt.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist: pass the path of a .ckpt file "
                                 f"(runs keep theirs in <run dir>/checkpoints/last.ckpt)")
@@ -258,9 +264,10 @@ def load_checkpoint(ckpt_path: str | None) -> dict | None:
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for non-checkpoints
         raise ValueError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint that torch.load can read "
                          f"({type(err).__name__}: {err}); pass a .ckpt written by fibo-run") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"ckpt_path={ckpt_path} holds a {type(loaded).__name__}, not a Lightning checkpoint; "
-                         f"pass a .ckpt written by fibo-run")
+    if not isinstance(loaded, dict) or "state_dict" not in loaded or "pytorch-lightning_version" not in loaded:
+        what = f"a {type(loaded).__name__}" + (f" with keys {sorted(map(str, loaded))[:5]}" if isinstance(loaded, dict) else "")
+        raise ValueError(f"ckpt_path={ckpt_path} holds {what}, not a Lightning checkpoint (state_dict, "
+                         f"pytorch-lightning_version); pass a .ckpt written by fibo-run")
     return loaded
 
 
@@ -273,12 +280,12 @@ def resume_run_id(ckpt_path: str | None) -> str | None:
 
 def changed_options(params: Mapping[str, str], cfg, groups: tuple[str, ...] = ("data", "model", "attention")) -> list[str]:
     """``"data.img_size: 16 -> 32"`` for every option of ``groups`` whose value in ``cfg`` differs from
-    the MLflow ``params`` a run was started with (compared as MLflow stores them: 250 characters)."""
+    the MLflow ``params`` a run was started with (compared as they were stored: ``PARAM_LIMIT`` characters)."""
     from omegaconf import OmegaConf
 
     flat = flatten_params({g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups if g in cfg})
     return [f"{k.replace('/', '.')}: {params[k]} -> {v}" for k, v in flat.items()
-            if k in params and params[k][:250] != v[:250]]
+            if k in params and params[k][:PARAM_LIMIT] != v[:PARAM_LIMIT]]
 
 
 def check_checkpoint_fits(ckpt: Mapping[str, Any], model, ckpt_path: str, changed: list[str] | None = None) -> None:
@@ -323,20 +330,27 @@ def check_resume_matches(tags: Mapping[str, str], run_id: str, choices: Mapping[
 def log_config(logger: MLFlowLogger, cfg, choices: Mapping[str, Any], output_dir: Path) -> None:
     """The resolved config as params and ``config/config.yaml`` (+ Hydra's ``overrides.yaml``), the
     ``choice.*``, ``output_dir``, ``seed`` tags and the git commit. A resumed run keeps its params
-    (MLflow params are immutable): changed values go to the ``resumed_with_changes`` tag."""
+    (MLflow params are immutable): changed values go to the ``resumed_with_changes`` tag. Values
+    longer than ``PARAM_LIMIT`` characters are cut (by Lightning's logger) and named in the
+    ``params_truncated`` tag and a warning."""
     from omegaconf import OmegaConf
 
     client, run_id = logger.experiment, logger.run_id
     flat = flatten_params(OmegaConf.to_container(cfg, resolve=True))
     existing = client.get_run(run_id).data.params
     if existing:
-        changed = {k: (existing[k], v) for k, v in flat.items() if k in existing and existing[k][:250] != v[:250]}
+        changed = {k: (existing[k], v) for k, v in flat.items() if k in existing and existing[k][:PARAM_LIMIT] != v[:PARAM_LIMIT]}
         if changed:
             client.set_tag(run_id, "resumed_with_changes",
                            "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())[:5000])
         flat = {k: v for k, v in flat.items() if k not in existing}
     if flat:
-        logger.log_hyperparams(flat)
+        logger.log_hyperparams(flat)  # Lightning's MLFlowLogger cuts values to PARAM_LIMIT characters
+        cut = sorted(k for k, v in flat.items() if len(v) > PARAM_LIMIT)
+        if cut:
+            log.warning("MLflow params cut to %d characters: %s (full values: config/config.yaml)", PARAM_LIMIT, ", ".join(cut))
+            client.set_tag(run_id, "params_truncated", f"{', '.join(cut)} (cut to {PARAM_LIMIT} characters; "
+                                                       f"full values: config/config.yaml)"[:5000])
     client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
     overrides = Path(output_dir) / ".hydra" / "overrides.yaml"
     if overrides.is_file():

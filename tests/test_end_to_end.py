@@ -184,7 +184,7 @@ def test_failed_resume_attempt_leaves_a_finished_run_finished(tmp_path):
     client, runs = mlflow_runs(tmp_path, "fibo-debug")
     assert runs[0].info.status == "FINISHED" and runs[0].data.tags["choice.task"] == "image"
     ckpt = tmp_path / "last.ckpt"
-    torch.save({RUN_ID_KEY: run_id}, ckpt)
+    torch.save({RUN_ID_KEY: run_id, "state_dict": {}, "pytorch-lightning_version": "2.6.6"}, ckpt)
     cfg = _lifecycle_cfg(tmp_path, f"ckpt_path={ckpt}")
     with pytest.raises(RuntimeError, match="boom"), run_lifecycle(cfg, choices, tmp_path / "out") as run:
         assert run.run_id == run_id and client.get_run(run_id).info.status == "RUNNING"

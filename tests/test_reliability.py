@@ -195,7 +195,7 @@ def test_incompatible_resume_is_refused_before_the_run_is_touched(tmp_path):
         run_id = run.run_id
     state = {f"model.{k}": v for k, v in instantiate(cfg.model).state_dict().items()}
     ckpt = tmp_path / "last.ckpt"
-    torch.save({RUN_ID_KEY: run_id, "state_dict": state}, ckpt)
+    torch.save({RUN_ID_KEY: run_id, "state_dict": state, "pytorch-lightning_version": "2.6.6"}, ckpt)
     cfg = _lifecycle_cfg(tmp_path, "data.img_size=32", f"ckpt_path={ckpt}")
     with pytest.raises(ValueError) as err, run_lifecycle(cfg, choices, tmp_path / "out"):
         pass
@@ -207,7 +207,7 @@ def test_incompatible_resume_is_refused_before_the_run_is_touched(tmp_path):
     assert [(r.info.status, "failed_attempt" in r.data.tags) for r in runs] == [("FINISHED", False)]
 
     foreign = tmp_path / "foreign.ckpt"  # no MLflow run: the likely options are named, no run is created
-    torch.save({"state_dict": state}, foreign)
+    torch.save({"state_dict": state, "pytorch-lightning_version": "2.6.6"}, foreign)
     cfg = _lifecycle_cfg(tmp_path, "data.img_size=32", f"ckpt_path={foreign}")
     with pytest.raises(ValueError, match=r"pos_embed is \[1, 65, 96\] in the checkpoint but \[1, 257, 96\] now "
                                          r"\(likely changed: an option that sets the model's sizes \(data.img_size"):
@@ -311,3 +311,104 @@ def test_dot_override_of_a_config_group_names_the_group_choice():
     assert str(err.value).startswith("model.data=nope sets model.data to the string 'nope', but data is a config "
                                      "group: choose it with data=<cifar10|cifar100|digits|")
     check_overrides(["attention=dense", "model.drop_path_rate=0.1", "callbacks.rollout=null", "data.img_size=32"])
+
+
+# ---------------------------------------------------------------- weak spots: one line for bad input
+
+
+def test_checkpoint_paths_that_are_not_checkpoints_are_named(tmp_path):
+    import torch
+
+    from fibo.tracking import load_checkpoint
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(IsADirectoryError) as err:
+        load_checkpoint(str(tmp_path / "run"))
+    assert str(err.value) == f"ckpt_path={tmp_path / 'run'} is a directory: pass the .ckpt file (it holds checkpoints/last.ckpt)"
+    weights = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, weights)  # a torch file, not a Lightning checkpoint
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(str(weights))
+    assert str(err.value) == (f"ckpt_path={weights} holds a dict with keys ['weight'], not a Lightning checkpoint "
+                              f"(state_dict, pytorch-lightning_version); pass a .ckpt written by fibo-run")
+
+
+def test_bad_seed_experiment_name_and_recipe_are_one_line(tmp_path):
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    from fibo.cli import check_run_options
+    from fibo.tasks.base import BaseTask
+
+    for cfg, message in (({"seed": "abc", "experiment_name": "x"}, "seed='abc' is not an integer: pass seed=<int>, e.g. seed=0"),
+                         ({"seed": 0, "experiment_name": ""}, "experiment_name='' is empty: pass an MLflow experiment "
+                                                              "name, e.g. experiment_name=fibo")):
+        with pytest.raises(ValueError) as err:
+            check_run_options(OmegaConf.create(cfg))
+        assert str(err.value) == message
+    for kwargs, message in (({"lr": -1}, "task.lr=-1 must be > 0 (e.g. task.lr=1e-3)"),
+                            ({"batch_size": 0}, "data.batch_size=0 must be >= 1"),
+                            ({"weight_decay": -0.1}, "task.weight_decay=-0.1 must be >= 0")):
+        with pytest.raises(ValueError) as err:
+            BaseTask(nn.Linear(2, 2), **kwargs)
+        assert str(err.value) == message
+
+
+def test_bench_and_demo_commands_refuse_bad_numbers(capsys):
+    from fibo import bench
+    from fibo.envs import demos
+
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--sizes", "0"])
+    assert stop.value.code == 2
+    assert "error: argument --sizes: '0': comma-separated positive token counts, e.g. 196,784" in capsys.readouterr().err
+    for args, message in ((["--num-demos", "0"], "error: --num-demos=0: at least 1 demo"),
+                          (["--num-demos", "-3"], "error: --num-demos=-3: at least 1 demo"),
+                          (["--noise", "-0.1"], "error: --noise=-0.1: the action noise std must be >= 0")):
+        with pytest.raises(SystemExit) as stop:
+            demos.main([*args, "--out", "unused.hdf5"])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^demos: num_demos=0: at least 1 demo$"):
+        demos.write_demos("unused.hdf5", num_demos=0)
+
+
+def test_sweep_runs_are_named_by_what_the_sweep_varies():
+    from omegaconf import OmegaConf
+
+    from fibo.cli import _default_run_name, swept_overrides
+
+    argv = ["-m", "task.lr=0.01,0.1", "seed=0,1", "attention=dense,fibottention", "trainer.max_epochs=3"]
+    swept = swept_overrides(["task.lr=0.1", "seed=1", "attention=dense", "trainer.max_epochs=3"], argv)
+    assert swept == ["task.lr=0.1"]
+    choices = {"model": "vit_nano", "attention": "dense", "data": "digits"}
+    assert _default_run_name(OmegaConf.create({"seed": 1}), choices, swept) == "vit_nano-dense-digits-s1-task.lr=0.1"
+    assert swept_overrides(["seed=1"], ["seed=1"]) == []
+
+
+def test_long_params_are_named_when_cut(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    from fibo.tracking import run_lifecycle
+
+    cfg = _lifecycle_cfg(tmp_path, f"+note={'x' * 300}")
+    with run_lifecycle(cfg, dict(HydraConfig.get().runtime.choices), tmp_path / "out"):
+        pass
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert runs[0].data.params["note"] == "x" * 250
+    assert runs[0].data.tags["params_truncated"] == "note (cut to 250 characters; full values: config/config.yaml)"
+
+
+def test_fast_dev_run_records_the_printed_test_metrics_and_quotes_the_store(tmp_path, capsys):
+    """Before: fast_dev_run printed a test accuracy that MLflow did not have; a store path with a
+    space broke the printed `mlflow ui` line."""
+    from fibo.cli import train
+
+    root = tmp_path / "my root"
+    root.mkdir()
+    result = train(_lifecycle_cfg(root))
+    out = capsys.readouterr().out
+    assert f"browse: mlflow ui --backend-store-uri 'sqlite:///{root / 'mlflow.db'}'" in out
+    _, runs = mlflow_runs(root, "fibo-debug")
+    assert runs[0].data.metrics["test/acc1"] == pytest.approx(result)
+    assert f"fibo: test/acc1 = {result:.4f}" in out

@@ -115,6 +115,20 @@ def _write_demo(group, steps: dict, obs_keys: list[str]) -> int:
     return n
 
 
+def check_demo_options(num_demos: int, noise: float, image_size: int, valid_fraction: float,
+                       max_attempts: int | None) -> None:
+    """Raises ``ValueError`` naming the first option of :func:`write_demos` out of its range."""
+    problems = [(num_demos < 1, f"num_demos={num_demos}: at least 1 demo"),
+                (noise < 0, f"noise={noise}: the action noise std must be >= 0"),
+                (image_size < 1, f"image_size={image_size}: at least 1 pixel"),
+                (not 0 <= valid_fraction < 1, f"valid_fraction={valid_fraction}: in [0, 1)"),
+                (max_attempts is not None and max_attempts < num_demos,
+                 f"max_attempts={max_attempts}: at least num_demos={num_demos}")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(f"demos: {message}")
+
+
 def write_demos(out: str | os.PathLike, env: str = LIFT, num_demos: int = 100, noise: float = 0.1, seed: int = 0,
                 image_size: int = 84, valid_fraction: float = 0.1, max_attempts: int | None = None,
                 progress: bool = True) -> dict:
@@ -124,8 +138,11 @@ def write_demos(out: str | os.PathLike, env: str = LIFT, num_demos: int = 100, n
     seed range). Returns ``{"path", "demos", "attempts", "samples", "seconds"}``.
 
     Raises:
+        ValueError: ``num_demos`` < 1, ``noise`` < 0, ``image_size`` < 1, ``valid_fraction`` outside
+            [0, 1) or ``max_attempts`` < ``num_demos`` (one line naming the option).
         RuntimeError: fewer than ``num_demos`` successes within ``max_attempts`` (default 2x).
     """
+    check_demo_options(num_demos, noise, image_size, valid_fraction, max_attempts)
     import h5py
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -194,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--valid-fraction", type=float, default=0.1)
     parser.add_argument("--max-attempts", type=int, default=None)
     args = parser.parse_args(argv)
+    try:
+        check_demo_options(args.num_demos, args.noise, args.image_size, args.valid_fraction, args.max_attempts)
+    except ValueError as err:
+        parser.error(str(err).replace("demos: ", "--").replace("_", "-", 1))
     write_demos(args.out, env=args.env, num_demos=args.num_demos, noise=args.noise, seed=args.seed,
                 image_size=args.image_size, valid_fraction=args.valid_fraction, max_attempts=args.max_attempts)
 

@@ -27,6 +27,21 @@ class DivergedError(FloatingPointError):
     """The training loss stopped being finite: the run stops (FAILED), its earlier checkpoints stay."""
 
 
+def check_recipe(lr: float, weight_decay: float, warmup_epochs: float, min_lr: float, batch_size: int | None,
+                 lr_base_batch: int | None) -> None:
+    """Raises ``ValueError`` (one line naming the config key and its range) for an optimisation
+    option out of range: ``lr`` > 0, ``weight_decay``/``warmup_epochs``/``min_lr`` >= 0, batch sizes >= 1."""
+    problems = [(not lr > 0, f"task.lr={lr} must be > 0 (e.g. task.lr=1e-3)"),
+                (not weight_decay >= 0, f"task.weight_decay={weight_decay} must be >= 0"),
+                (not warmup_epochs >= 0, f"task.warmup_epochs={warmup_epochs} must be >= 0"),
+                (not min_lr >= 0, f"task.min_lr={min_lr} must be >= 0"),
+                (batch_size is not None and batch_size < 1, f"data.batch_size={batch_size} must be >= 1"),
+                (lr_base_batch is not None and lr_base_batch < 1, f"task.lr_base_batch={lr_base_batch} must be >= 1")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
+
+
 def no_weight_decay_names(model: nn.Module) -> set[str]:
     """Names of the parameters that get no weight decay, by timm's rule (biases, 1-d parameters such as
     norms, and the model's ``no_weight_decay()`` patterns: CLS token, position embeddings). Taken
@@ -65,12 +80,17 @@ class BaseTask(L.LightningModule):
             ``_partial_``); ``None``: ``torch.optim.AdamW``.
         scheduler: ``scheduler(optimizer, total_steps=, warmup_steps=, min_lr_ratio=) -> LRScheduler``
             stepped every optimizer step; ``None``: warmup + cosine.
+
+    Raises:
+        ValueError: an option out of range (:func:`check_recipe`).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 5,
                  min_lr: float = 1e-6, batch_size: int | None = None, lr_base_batch: int | None = None,
                  optimizer: Callable | None = None, scheduler: Callable | None = None) -> None:
         super().__init__()
+        check_recipe(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr, batch_size=batch_size,
+                     lr_base_batch=lr_base_batch)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.model = model
         self.optimizer_factory = optimizer or torch.optim.AdamW
