@@ -147,6 +147,10 @@ def group_runs(runs, ignored: tuple[str, ...] = IGNORED_PARAMS) -> list[Group]:
             groups[key] = Group(labels={name: _label(run, name) for name, _ in LABELS}, key=key)
         groups[key].runs.append(run)
     out = list(groups.values())
+    for g in out:  # a label whose param is ignored (e.g. the --x param) can differ within a group
+        for name, _ in LABELS:
+            if len({_label(r, name) for r in g.runs}) > 1:
+                g.labels[name] = "*"
     # Groups with the same task/data/model/attention labels: name the params that tell them apart.
     by_labels: dict[tuple, list[Group]] = {}
     for g in out:
@@ -204,12 +208,18 @@ def _has_flops(groups: list[Group]) -> bool:
     return any(FLOPS_METRIC in r.data.metrics for g in groups for r in g.runs)
 
 
+def _common(g: Group, metric: str) -> float:
+    """The one value of ``metric`` the group's runs share (density, FLOPs), else nan."""
+    values = set(g.values(metric))
+    return values.pop() if len(values) == 1 else math.nan
+
+
 def _variant_record(g: Group, density_metric: str, with_flops: bool) -> dict:
     rec = {title: g.labels[name] for name, title in LABELS}
     rec["config"] = g.differs
-    rec["density"] = g.mean(density_metric)
+    rec["density"] = _common(g, density_metric)
     if with_flops:
-        rec["attention_flops"] = g.mean(FLOPS_METRIC)
+        rec["attention_flops"] = _common(g, FLOPS_METRIC)
     return rec
 
 

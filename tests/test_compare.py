@@ -295,3 +295,15 @@ def test_without_cost_metrics_there_is_no_flops_column(tmp_path):
                                          (2.5e9, "2.5G"), (3.0e12, "3T"), (math.nan, "-")])
 def test_format_flops(value, text):
     assert fc.format_flops(value) == text
+
+
+def test_curves_over_a_text_param_are_evenly_spaced_and_a_varying_label_reads_star(curve_store, tmp_path):
+    uri, _, _ = curve_store
+    result = fc.compare(tracking_uri=uri, x="attention/name", filter_string="params.`data/train_samples` = '100'",
+                        out_dir=tmp_path, log=False, quiet=True)
+    assert result.xscale == "categorical" and len(result.groups) == 1
+    row = result.rows[0]
+    assert row["attention"] == "*"  # the x param sets it: not one value for the row
+    assert (row["density"], row["attn FLOPs"]) == ("-", "-")  # nor one density or cost
+    assert (row["name=dense"], row["name=fibottention"]) == ("0.5200 ± 0.0200 (3)", "0.5700 ± 0.0200 (3)")
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
