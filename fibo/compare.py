@@ -11,7 +11,7 @@ attention density (``comparison.png``: one point per group, error bars = std ove
 ``--out`` (default ``<root>/logs/compare/<time>/``) and logs the three files as artifacts of a new
 MLflow run in the (first) compared experiment, tagged ``fibo.comparison=true`` so that later
 comparisons leave it out (``--no-log``: don't). Runs that log ``cost/attention_flops``
-(:class:`fibo.cost.LogCost`) get an ``attn FLOPs`` column (per sample, forward), so comparisons "at
+(``fibo.cost.LogCost``) get an ``attn FLOPs`` column (per sample, forward), so comparisons "at
 equal FLOPs" read off one table.
 
 ``--x PARAM`` (any logged param; ``data.train_samples`` or its MLflow key ``data/train_samples``)
