@@ -11,6 +11,8 @@ import os
 import secrets
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +193,7 @@ def train(cfg: DictConfig) -> float | None:
         swept = swept_overrides(list(hydra_cfg.overrides.task), sys.argv[1:]) if hydra_cfg.mode == RunMode.MULTIRUN else []
         cfg.run_name = _default_run_name(cfg, choices, swept)
     names = {"test": "test/acc1", "fit": "val/acc1", **(cfg.get("result_metric") or {})}
-    with run_lifecycle(cfg, choices, runtime.output_dir) as run:
+    with run_lifecycle(cfg, choices, runtime.output_dir) as run, job_argv_for_ddp_children(hydra_cfg):
         built = build(cfg, logger=run.logger)
         run.datamodule = built.datamodule
         run.logger.log_metrics(built.metrics)
@@ -209,6 +211,32 @@ def train(cfg: DictConfig) -> float | None:
     if run.rank_zero:
         _report(cfg, run, choices, built.metrics, result, names["test" if cfg.test else "fit"])
     return None if result is None else float(result)
+
+
+@contextmanager
+def job_argv_for_ddp_children(hydra_cfg) -> Iterator[None]:
+    """Inside a multirun job, make the processes that Lightning's DDP launcher starts run this job
+    only: Lightning builds their command from ``sys.argv`` (which holds the whole sweep, ``-m``
+    included, so every child re-ran the sweep into a new ``logs/multiruns/`` folder) plus
+    ``hydra.run.dir=<HydraConfig run.dir>`` (not the job's folder). For the job, ``sys.argv`` is the
+    job's own overrides and ``run.dir`` its output folder; both are restored after it. There is no
+    public Lightning API for the child command (``_hydra_subprocess_cmd``, Lightning 2.6)."""
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        yield
+        return
+    argv, run_dir = sys.argv, hydra_cfg.run.dir
+    sys.argv = [argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = run_dir
 
 
 def fit_result(trainer, name: str):

@@ -169,3 +169,20 @@ def test_submitit_runs_a_job(tmp_path, run_fibo):
     _, runs = mlflow_runs(tmp_path, "fibo-debug")
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert list((tmp_path / "logs" / "multiruns").glob("*/.submitit/*/*_log.out"))
+
+
+@pytest.mark.slow
+def test_ddp_in_a_multirun_job_runs_that_job_only(tmp_path, run_fibo):
+    """Before: Lightning started the second process with the whole sweep (`-m ...`), which re-ran it
+    into an extra logs/multiruns/<time>/ folder."""
+    result = run_fibo("-m", "seed=0", "trainer=ddp_cpu", "trainer.devices=2", "debug=fast_dev_run", root=tmp_path,
+                      timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "MEMBER: 2/2" in out
+    sweeps = list((tmp_path / "logs" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps
+    assert (sweeps[0] / "0" / "train_ddp_process_1.log").is_file(), sorted(p.name for p in (sweeps[0] / "0").iterdir())
+    assert not (tmp_path / "logs" / "runs").exists()
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert [r.info.status for r in runs] == ["FINISHED"]
