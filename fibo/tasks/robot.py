@@ -5,7 +5,10 @@ Batches come from :class:`fibo.data.robomimic.RobomimicDataModule` (robomimic's 
 normalised with mean/std computed on the training demos; those statistics travel in the checkpoint
 (``checkpoint["fibo_normalization"]``), so a saved policy acts in the environment on its own.
 
-Loss: ``mse`` (robomimic BC's L2) or ``l1`` / ``smooth_l1`` over the whole action chunk.
+Loss: ``mse`` (robomimic BC's L2) or ``l1`` / ``smooth_l1`` over the whole action chunk. Padded
+steps count, as in robomimic's BC (``robomimic.algo.bc.BC._compute_losses`` takes no mask): a chunk
+that runs past the end of a demo is padded by ``SequenceDataset`` with the demo's last action, so
+the policy learns to hold the final action there. With ``data.seq_length=1`` nothing is padded.
 Metrics: ``train/loss``, ``val/loss``.
 """
 
