@@ -24,10 +24,22 @@ def test_the_sweep_is_sizes_by_variants_by_seeds():
     cfg = _compose()
     assert cfg.experiment_name == "data-efficiency"
     params = dict(cfg.hydra.sweeper.params)
-    assert params == {"data.train_samples": "100,200,400,800,1300",
+    assert params == {"+experiment/data_efficiency/budget": "n100,n200,n400,n1300",
                       "+experiment/data_efficiency": "dense,fibottention,longformer", "seed": "0,1,2"}
-    assert math.prod(len(v.split(",")) for v in params.values()) == 45
+    assert math.prod(len(v.split(",")) for v in params.values()) == 36
     assert cfg.hydra.runtime.choices.data == "digits"
+
+
+@pytest.mark.parametrize("size", [100, 200, 400, 1300])
+def test_every_size_trains_for_the_same_step_budget(size):
+    """data.train_samples=<size> with epochs x steps per epoch within 1% of 820 optimizer steps (batch
+    32, last batch kept), about 20 validations, and warmup a tenth of the epochs."""
+    cfg = _compose(f"+experiment/data_efficiency/budget=n{size}")
+    assert cfg.data.train_samples == size and cfg.data.batch_size == 32
+    steps = cfg.trainer.max_epochs * math.ceil(size / 32)
+    assert abs(steps - 820) <= 8.2
+    assert 19 <= cfg.trainer.max_epochs / cfg.trainer.check_val_every_n_epoch <= 21
+    assert cfg.task.warmup_epochs == pytest.approx(cfg.trainer.max_epochs / 10, abs=0.05)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -57,7 +69,7 @@ def test_longformer_is_at_fibottentions_density_in_the_default_digits_model():
 
 @pytest.mark.slow
 def test_the_overlay_runs_each_variant_on_a_subset(tmp_path):
-    result = fibo_run("-m", "experiment=data_efficiency", "debug=fast_dev_run", "data.train_samples=100", "seed=0",
+    result = fibo_run("-m", "experiment=data_efficiency", "debug=fast_dev_run", "+experiment/data_efficiency/budget=n100", "seed=0",
                       "experiment_name=data-efficiency", root=tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     _, runs = mlflow_runs(tmp_path, "data-efficiency")
