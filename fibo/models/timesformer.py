@@ -38,8 +38,6 @@ from fibo.models.vit import Block, attention_spec, check_patch_grid
 
 log = logging.getLogger(__name__)
 ATTENTION_TYPES = ("divided", "joint", "space_only")
-
-
 TEMPORAL_ATTENTION = ("dense", "same")
 
 
@@ -50,12 +48,10 @@ def temporal_spec(spatial: AttentionSpec, temporal_attention: str) -> AttentionS
     Raises:
         ValueError: ``temporal_attention`` is neither.
     """
-    if temporal_attention == "dense":
-        return AttentionSpec(mask_semantics=spatial.mask_semantics)
-    if temporal_attention == "same":
-        return spatial
-    raise ValueError(f"model.temporal_attention={temporal_attention!r}: choose 'dense' or 'same' "
-                     f"(the spatial pattern, here {spatial.name!r}, over the frames)")
+    if temporal_attention not in TEMPORAL_ATTENTION:
+        raise ValueError(f"model.temporal_attention={temporal_attention!r}: choose 'dense' or 'same' "
+                         f"(the spatial pattern, here {spatial.name!r}, over the frames)")
+    return AttentionSpec(mask_semantics=spatial.mask_semantics) if temporal_attention == "dense" else spatial
 
 
 def _sincos_1d(length: int, dim: int) -> torch.Tensor:
