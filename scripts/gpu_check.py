@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from fibo.attention import Attention, AttentionSpec  # noqa: E402
 from fibo.attention.backends import resolve_backend  # noqa: E402
-from fibo.attention.flex import flex_attention, flex_block_mask  # noqa: E402
+from fibo.attention.backends.flex import block_mask, flex_attention  # noqa: E402
 
 
 def parity(device) -> list[str]:
@@ -43,8 +43,9 @@ def parity(device) -> list[str]:
     for n, h, modified, batch in cases:
         for cls in (True, False):
             opts = {"modified": modified}
-            mask = AttentionSpec.parse({"name": "fibottention", **opts}).mask(n, h, 1, cls_token=cls).to(device)
-            bm = flex_block_mask("fibottention", opts, n, h, 1, cls, device)
+            layout = AttentionSpec.parse({"name": "fibottention", **opts}).pattern.layout(n, h, 1, cls)
+            mask = layout.mask().to(device)
+            bm = block_mask(layout, device)
             g = torch.Generator(device="cpu").manual_seed(n + h)
             q, k, v = (torch.randn(batch, h, n + cls, 64, generator=g).to(device).requires_grad_(True) for _ in range(3))
             out = flex_attention(q, k, v, bm)
@@ -89,12 +90,13 @@ def timing(device, sizes, dtypes) -> list[dict]:
             q, k, v = (torch.randn(b, h, L, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             go = torch.randn(b, h, L, d, device=device, dtype=dtype)
             t = time.perf_counter()
-            bm = flex_block_mask("fibottention", {}, n, h, 0, True, device)
+            layout = AttentionSpec.parse({"name": "fibottention"}).pattern.layout(n, h, 0, True)
+            bm = block_mask(layout, device)
             torch.cuda.synchronize()
             build_ms = (time.perf_counter() - t) * 1e3
             fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
             if h * L * L <= 2**31:
-                mask = AttentionSpec.parse({"name": "fibottention"}).mask(n, h, 0).to(device)
+                mask = layout.mask().to(device)
                 fns["sdpa_mask"] = lambda mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             fns["flex"] = lambda: flex_attention(q, k, v, bm)
             reps = 20 if n <= 3136 else 5
