@@ -57,9 +57,16 @@ def test_fibottention_policy_is_sparse_and_dense_is_not(tmp_path):
     assert not torch.allclose(out[0], out[1])
 
 
-def test_patch_stem_option(tmp_path):
-    policy = instantiate(compose(tmp_path, "model=policy_fibo", "model.stem=patch", "model.patch_size=8").model)
+def test_patch_stem_option(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="fibo.models.policy"):
+        policy = instantiate(compose(tmp_path, "model=policy_fibo", "model.stem=patch", "model.patch_size=8").model)
     assert policy.encoders["agentview_image"].num_patch_tokens == 81  # floor(76 / 8) ** 2
+    assert caplog.messages == ["model.stem=patch: the 76 px crop is not divisible by model.patch_size=8, so its last 4 "
+                               "pixel rows and columns are not seen (9 x 9 patches)"]  # said, not silent
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fibo.models.policy"):
+        create_policy("transformer", ["agentview_image"], LOW_DIM, 7, crop_size=76, stem="patch", patch_size=4)
+    assert caplog.messages == []  # 76 = 19 x 4
     with pytest.raises(ValueError, match="model.stem='pixels' must be 'conv'"):
         create_policy("transformer", ["agentview_image"], LOW_DIM, 7, stem="pixels")
 

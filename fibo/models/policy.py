@@ -70,6 +70,10 @@ class TransformerImageEncoder(nn.Module):
                                       nn.Conv2d(chans[-1], embed_dim, kernel_size=3, stride=2, padding=1))
         elif stem == "patch":
             self.stem = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+            if image_size % patch_size:  # the paper's ViT-B/8 on 76 px crops: 9 x 9 patches, 4 px unseen
+                log.warning("model.stem=patch: the %d px crop is not divisible by model.patch_size=%d, so its last %d "
+                            "pixel rows and columns are not seen (%d x %d patches)", image_size, patch_size,
+                            image_size % patch_size, image_size // patch_size, image_size // patch_size)
         else:
             raise ValueError(f"model.stem={stem!r} must be 'conv' (convolutional stem) or 'patch' (ViT patch embedding)")
         with torch.no_grad():
