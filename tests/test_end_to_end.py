@@ -76,6 +76,15 @@ def test_resume_continues_the_same_run(tmp_path, run_fibo):
             f"attention=fibottention; this command has attention=dense (was fibottention)") in wrong.stderr
     _, runs = mlflow_runs(tmp_path, "fibo-debug")
     assert [(r.info.status, r.data.tags["choice.attention"]) for r in runs] == [("FINISHED", "fibottention")]
+    # another image size: the checkpoint's weights do not fit; refused before the run is touched (before:
+    # a raw "size mismatch" from load_state_dict, and the FINISHED run turned FAILED)
+    resized = run_fibo("debug=short", "data.img_size=32", f"ckpt_path={ckpt}", root=tmp_path, timeout=300)
+    assert resized.returncode == 1
+    assert (f"ckpt_path={ckpt} does not fit the model as configured: pos_embed is [1, 65, 96] in the checkpoint but "
+            f"[1, 257, 96] now (options changed since the run: data.img_size: 16 -> 32; model.img_size: 16 -> 32)"
+            ) in resized.stderr
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert [(r.info.status, "failed_attempt" in r.data.tags) for r in runs] == [("FINISHED", False)]
     second = run_fibo("debug=short", "trainer.max_epochs=3", f"ckpt_path={ckpt}", root=tmp_path, timeout=300)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
