@@ -6,6 +6,9 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
+
+from fibo.tracking import RUN_ID_KEY
 
 
 def _batch_size(batch) -> int:
@@ -67,3 +70,13 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._ensure_last(trainer)
+
+
+class RunIdInCheckpoint(L.Callback):
+    """Stores the MLflow run id in every checkpoint (``checkpoint[fibo.tracking.RUN_ID_KEY]``) so that
+    ``fibo-run ckpt_path=...`` continues the same run."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        logger = trainer.logger
+        if isinstance(logger, MLFlowLogger):
+            checkpoint[RUN_ID_KEY] = logger.run_id

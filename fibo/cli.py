@@ -153,7 +153,7 @@ def build(cfg: DictConfig, logger: Any = None) -> Built:
     import lightning as L
     from hydra.utils import instantiate
 
-    from fibo.tracking import RunIdInCheckpoint
+    from fibo.callbacks import RunIdInCheckpoint
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

@@ -6,6 +6,11 @@ the body (build, fit, test) -> the data report -> FINISHED, FAILED (``error`` ta
 (Ctrl-C / SIGTERM: exit status 143 and a resume hint). A run that had FINISHED stays FINISHED when a
 later attempt on it fails (the attempt's error goes to the ``failed_attempt`` tag).
 
+Importing this module imports neither Lightning nor MLflow (they load when a run starts), so that
+the checks before a run (:func:`check_tracking_server`, :func:`load_checkpoint`) answer within
+seconds; the callback that writes the run id into checkpoints is
+:class:`fibo.callbacks.RunIdInCheckpoint`.
+
 Default store: ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlartifacts`` (MLflow 3
 refuses the plain file store). ``MLFLOW_TRACKING_URI`` (e.g. a server) overrides it.
 """
@@ -22,9 +27,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import lightning as L
-from lightning.pytorch.loggers import MLFlowLogger
 
 RUN_ID_KEY = "fibo_mlflow_run_id"
 RESUME_GROUPS = ("task", "data", "model", "attention")
@@ -168,6 +170,8 @@ def mlflow_logger(
     """Lightning's :class:`MLFlowLogger` on the resolved store. ``run_id`` continues an existing run
     (resuming from a checkpoint). Artifacts of the default SQLite store go to
     ``default_artifact_location``; a server or another URI decides its own artifact root."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
     uri = resolve_tracking_uri(tracking_uri, default_store)
     artifact_location = None
     if uri.startswith("sqlite:") and default_artifact_location and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -206,16 +210,6 @@ def git_commit(path: str | Path) -> tuple[str | None, bool]:
         return commit.stdout.strip(), bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         return fallback, False
-
-
-class RunIdInCheckpoint(L.Callback):
-    """Stores the MLflow run id in every checkpoint so that ``fibo-run ckpt_path=...`` continues
-    the same run."""
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        logger = trainer.logger
-        if isinstance(logger, MLFlowLogger):
-            checkpoint[RUN_ID_KEY] = logger.run_id
 
 
 def end_run(logger: MLFlowLogger, status: str, error: BaseException | None = None) -> None:

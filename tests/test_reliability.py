@@ -156,16 +156,15 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri():
     check_tracking_server("sqlite:///nowhere.db")  # not a server: not probed
 
 
-@pytest.mark.slow
 def test_fibo_run_with_an_unreachable_server_stops_with_one_line(tmp_path):
-    """Before: fibo-run hung (MLflow retries for minutes)."""
+    """Before: fibo-run hung (MLflow retries for minutes). The probe runs before Lightning is imported."""
     start = time.perf_counter()
     proc = _fibo_run("debug=fast_dev_run", cwd=tmp_path, env=_env(tmp_path, MLFLOW_TRACKING_URI="http://127.0.0.1:1"))
     _, err = proc.communicate(timeout=300)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 1
     assert "fibo.tracking.TrackingError: MLflow tracking server http://127.0.0.1:1 is unreachable" in err
-    assert elapsed < 120, elapsed  # imports (lightning) dominate on a busy 2-core machine; the probe takes ms
+    assert elapsed < 20, elapsed  # 6.6 s measured on the busy 2-core machine (Hydra's start-up)
 
 
 # ---------------------------------------------------------------- 4: incompatible resume
