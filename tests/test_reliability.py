@@ -250,6 +250,18 @@ def test_divergence_stops_the_run_failed_and_keeps_earlier_checkpoints(tmp_path)
     assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_huge_lr_diverges_and_ends_failed_not_finished(tmp_path):
+    """`fibo-run task.lr=1e6 debug=short` trained on NaN and ended FINISHED with an accuracy."""
+    from fibo.cli import train
+    from fibo.tasks.base import DivergedError
+
+    with pytest.raises(DivergedError, match=r"^training diverged: the loss is (nan|inf) at step \d+ \(epoch 0\)"):
+        train(_lifecycle_cfg(tmp_path, "task.lr=1e6", debug="short"))
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["error"].startswith("DivergedError: training diverged")
+    assert "test/acc1" not in runs[0].data.metrics
+
+
 # ---------------------------------------------------------------- 7: hydra.job.chdir=true
 
 
