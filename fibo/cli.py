@@ -74,7 +74,7 @@ def check_overrides(overrides: list[str], conf_dir: str = CONF_DIR) -> None:
     for override in OverridesParser.create().parse_overrides(overrides):
         key, value = override.key_or_group, override.value()
         group = key.rsplit(".", 1)[-1]
-        if "." not in key or key.startswith("hydra.") or not isinstance(value, str):
+        if "." not in key or key.startswith("hydra.") or not isinstance(value, str) or value.startswith("${"):
             continue
         options = sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
         if options:

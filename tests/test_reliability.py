@@ -321,7 +321,8 @@ def test_dot_override_of_a_config_group_names_the_group_choice():
         check_overrides(["model.data=nope"])
     assert str(err.value).startswith("model.data=nope sets model.data to the string 'nope', but data is a config "
                                      "group: choose it with data=<cifar10|cifar100|digits|")
-    check_overrides(["attention=dense", "model.drop_path_rate=0.1", "callbacks.rollout=null", "data.img_size=32"])
+    check_overrides(["attention=dense", "model.drop_path_rate=0.1", "callbacks.rollout=null", "data.img_size=32",
+                     "model.attention=${attention}"])
 
 
 # ---------------------------------------------------------------- weak spots: one line for bad input
