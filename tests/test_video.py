@@ -34,7 +34,7 @@ def video_dm(**kwargs):
 def test_divided_attention_shapes_and_cls_averaging():
     torch.manual_seed(0)
     B, T, D = 2, 3, 24
-    model = create_model("timesformer_nano", img_size=8, num_frames=T, num_classes=5, embed_dim=D,
+    model = create_model("timesformer_nano", img_size=8, patch_size=4, num_frames=T, num_classes=5, embed_dim=D,
                          depth=2, num_heads=3, attention={"name": "fibottention"})
     clips = torch.randn(B, 3, T, 8, 8)
     assert model.forward_features(clips).shape == (B, 1 + T * 4, D)
@@ -59,8 +59,8 @@ def test_fresh_model_equals_image_vit_per_frame(attention):
     """Zero-initialised temporal branch, image weights (which zero the time embedding): a clip of
     T copies of one frame gives the image ViT's output for that frame."""
     torch.manual_seed(0)
-    vit = create_model("vit_nano", img_size=16, in_chans=3, num_classes=6, attention={"name": attention}).eval()
-    video = create_model("timesformer_nano", img_size=16, num_frames=4, num_classes=6,
+    vit = create_model("vit_nano", img_size=16, patch_size=2, in_chans=3, num_classes=6, attention={"name": attention}).eval()
+    video = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=6,
                          attention={"name": attention}).eval()
     report = video.load_image_weights(vit.state_dict())
     assert report["unexpected"] == [] and report["skipped"] == []
@@ -78,15 +78,15 @@ def test_fresh_model_equals_image_vit_per_frame(attention):
 def test_load_lightning_image_checkpoint_and_interpolate_embeddings(tmp_path):
     from fibo.tasks.image import ImageClassifier
 
-    vit = create_model("vit_nano", img_size=224, num_classes=10)
+    vit = create_model("vit_nano", img_size=224, patch_size=16, num_classes=10)
     ckpt = tmp_path / "image.ckpt"
     torch.save({"state_dict": ImageClassifier(vit, num_classes=10).state_dict()}, ckpt)
-    video8 = create_model("timesformer_nano", img_size=224, num_frames=8, num_classes=10, pretrained=str(ckpt))
+    video8 = create_model("timesformer_nano", img_size=224, patch_size=16, num_frames=8, num_classes=10, pretrained=str(ckpt))
     torch.testing.assert_close(video8.blocks[2].attn.qkv.weight, vit.blocks[2].attn.qkv.weight)
     with torch.no_grad():
         video8.time_embed.copy_(torch.linspace(0, 1, 8)[None, :, None].expand(1, 8, 96))
     # 8 -> 16 frames and 224 -> 160 px (14x14 -> 10x10 patches)
-    video16 = create_model("timesformer_nano", img_size=160, num_frames=16, num_classes=10)
+    video16 = create_model("timesformer_nano", img_size=160, patch_size=16, num_frames=16, num_classes=10)
     report = video16.load_image_weights(video8.state_dict())
     assert sorted(report["resized"]) == ["pos_embed", "time_embed"]
     assert report["missing"] == [] and report["unexpected"] == [] and report["skipped"] == []
@@ -96,40 +96,42 @@ def test_load_lightning_image_checkpoint_and_interpolate_embeddings(tmp_path):
     assert torch.all(te[1:] >= te[:-1])  # linear interpolation keeps the order
     assert video16(torch.randn(1, 3, 16, 160, 160)).shape == (1, 10)
     # a head of another size is reported, not silently dropped
-    other = create_model("timesformer_nano", img_size=224, num_frames=8, num_classes=3)
+    other = create_model("timesformer_nano", img_size=224, patch_size=16, num_frames=8, num_classes=3)
     assert [s.split()[0] for s in other.load_image_weights(video8.state_dict())["skipped"]] == ["head.weight", "head.bias"]
 
 
 def test_pretrained_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"model.pretrained={tmp_path}/nope.ckpt does not exist"):
-        create_model("timesformer_nano", img_size=16, pretrained=str(tmp_path / "nope.ckpt"))
+        create_model("timesformer_nano", img_size=16, patch_size=2, pretrained=str(tmp_path / "nope.ckpt"))
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=f"model.pretrained={tmp_path}/notes.txt is not a checkpoint torch.load can read"):
-        create_model("timesformer_nano", img_size=16, pretrained=str(tmp_path / "notes.txt"))
+        create_model("timesformer_nano", img_size=16, patch_size=2, pretrained=str(tmp_path / "notes.txt"))
     torch.save({"foo": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"model.pretrained: none of the checkpoint's 1 keys \(e.g. \['foo'\]\) is a ViT"):
-        create_model("timesformer_nano", img_size=16, pretrained=str(tmp_path / "other.pt"))
+        create_model("timesformer_nano", img_size=16, patch_size=2, pretrained=str(tmp_path / "other.pt"))
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(ValueError, match="model.pretrained: expected a state dict or a Lightning checkpoint, got Tensor"):
-        create_model("timesformer_nano", img_size=16, pretrained=str(tmp_path / "tensor.pt"))
+        create_model("timesformer_nano", img_size=16, patch_size=2, pretrained=str(tmp_path / "tensor.pt"))
 
 
 def test_joint_and_space_only_and_temporal_fibottention():
     clips = torch.randn(1, 3, 4, 16, 16)
-    joint = create_model("timesformer_nano", img_size=16, num_frames=4, num_classes=3,
+    joint = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=3,
                          attention_type="joint", attention={"name": "fibottention"})
     assert joint(clips).shape == (1, 3)
     assert joint.blocks[0].attn.get_mask(4 * 64).shape == (3, 257, 257)
     assert not hasattr(joint.blocks[0], "temporal_attn")
-    space = create_model("timesformer_nano", img_size=16, num_frames=4, num_classes=3, attention_type="space_only")
+    space = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=3, attention_type="space_only")
     assert space(clips).shape == (1, 3)
-    temporal = create_model("timesformer_nano", img_size=16, num_frames=4, num_classes=3,
-                            attention={"name": "fibottention", "temporal": "fibottention"})
+    temporal = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=3,
+                            attention={"name": "fibottention"}, temporal_attention="same")
     assert temporal.blocks[1].temporal_attn.get_mask(4).shape == (3, 4, 4)  # no CLS over frames
-    with pytest.raises(ValueError, match="attention.temporal='longformer': choose 'dense' or 'fibottention'"):
-        create_model("timesformer_nano", img_size=16, attention={"name": "fibottention", "temporal": "longformer"})
+    with pytest.raises(ValueError, match=r"model.temporal_attention='longformer': choose 'dense' or 'same' \(the spatial pattern, here 'fibottention', over the frames\)"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, attention={"name": "fibottention"}, temporal_attention="longformer")
+    with pytest.raises(ValueError, match=r"attention.temporal='fibottention' is no longer an attention option"):
+        create_model("timesformer_nano", img_size=16, patch_size=2, attention={"name": "fibottention", "temporal": "fibottention"})
     with pytest.raises(ValueError, match="attention_type='axial'"):
-        create_model("timesformer_nano", img_size=16, attention_type="axial")
+        create_model("timesformer_nano", img_size=16, patch_size=2, attention_type="axial")
 
 
 
@@ -137,8 +139,8 @@ def test_space_time_patch_embedding():
     """patch_frames=3: each frame's tokens come from a Conv3d over 3 frames (zero-padded in time);
     an image checkpoint loads into the central frame, so a static clip gives the image ViT's output."""
     torch.manual_seed(0)
-    vit = create_model("vit_nano", img_size=16, in_chans=3, num_classes=6).eval()
-    video = create_model("timesformer_nano", img_size=16, num_frames=4, num_classes=6, patch_frames=3).eval()
+    vit = create_model("vit_nano", img_size=16, patch_size=2, in_chans=3, num_classes=6).eval()
+    video = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=6, patch_frames=3).eval()
     assert video.patch_embed.proj.weight.shape == (96, 3, 3, 2, 2)
     report = video.load_image_weights(vit.state_dict())
     assert report["resized"] == ["time_embed (zeroed: image checkpoint)", "patch_embed.proj.weight (4D -> 5D)"]
@@ -151,12 +153,12 @@ def test_space_time_patch_embedding():
     with torch.no_grad():
         torch.testing.assert_close(video(clip), vit(frame), atol=1e-5, rtol=1e-4)
     # a token of frame t sees frames t-1, t, t+1 and nothing else
-    fresh = create_model("timesformer_nano", img_size=16, num_frames=4, num_classes=6, patch_frames=3)
+    fresh = create_model("timesformer_nano", img_size=16, patch_size=2, num_frames=4, num_classes=6, patch_frames=3)
     clip = torch.zeros(1, 3, 4, 16, 16, requires_grad=True)
     fresh.patch_embed(clip)[0, 1, 0].sum().backward()
     assert [bool(clip.grad[0, :, t].abs().sum() > 0) for t in range(4)] == [True, True, True, False]
     with pytest.raises(ValueError, match="patch_frames=2: use an odd number of frames"):
-        create_model("timesformer_nano", img_size=16, patch_frames=2)
+        create_model("timesformer_nano", img_size=16, patch_size=2, patch_frames=2)
 
 # ---------------------------------------------------------------- data
 def test_moving_digits_layouts_agree(small_set):

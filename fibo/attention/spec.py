@@ -86,9 +86,6 @@ class AttentionSpec:
         semantics = cfg.pop("mask_semantics", "neg_inf")
         backend = cfg.pop("backend", "auto")
         cfg.pop("_target_", None)
-        # the temporal pattern of video models (fibo.models.timesformer.split_attention_config);
-        # a model without temporal attention has nothing to apply it to
-        cfg.pop("temporal", None)
         return cls(name=name, mask_semantics=semantics, options=cfg, backend=backend)
 
     @property
