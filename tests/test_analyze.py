@@ -197,14 +197,25 @@ def test_corruption_names_and_severities_are_checked():
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    """A real fibo-run on the digits (debug=short: 2 epochs of 5 batches) -> (root, checkpoint)."""
+    """A real, short fibo-run on the digits (1 epoch of 3 batches) -> (root, checkpoint)."""
     from conftest import fibo_run
 
     root = tmp_path_factory.mktemp("analyze")
-    result = fibo_run("debug=short", "test=false", "experiment_name=fibo", root=root, timeout=600)
+    result = fibo_run("debug=short", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                      "test=false", "experiment_name=fibo", root=root, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = next((root / "logs" / "runs").glob("*/checkpoints/last.ckpt"))
     return root, ckpt
+
+
+def _compose(*overrides: str):
+    """``conf/analyze.yaml`` composed by Hydra with ``overrides``, as fibo-analyze composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from fibo.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="analyze", overrides=list(overrides))
 
 
 def _analyze_cmd(root: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -216,19 +227,21 @@ def _analyze_cmd(root: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *overrides], cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_fibo_analyze_logs_into_the_same_run_and_writes_the_figures(digits_run):
+def test_fibo_analyze_logs_into_the_same_run_and_writes_the_figures(digits_run, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    from fibo.analysis.analyze import analyze
     from fibo.tracking import RUN_ID_KEY
 
     root, ckpt = digits_run
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_id = torch.load(ckpt, map_location="cpu", weights_only=False)[RUN_ID_KEY]
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     status = client.get_run(run_id).info.status
-    result = _analyze_cmd(root, f"ckpt_path={ckpt}", "split=val", "max_samples=48",
-                          "corruptions.names=[gaussian_noise]", "corruptions.severities=[1,5]", "pictures.num_inputs=2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"into MLflow run {run_id}" in result.stdout
+    cfg = _compose(f"ckpt_path={ckpt}", "split=val", "max_samples=32", "corruptions.names=[gaussian_noise]",
+                   "corruptions.severities=[1,5]", "pictures.num_inputs=2")
+    summary = analyze(cfg, tmp_path / "analysis")
+    assert summary.run_id == run_id and not summary.child_run
     run = client.get_run(run_id)
     assert run.info.status == status  # logged into the run, its status unchanged
     m = run.data.metrics
@@ -245,7 +258,7 @@ def test_fibo_analyze_logs_into_the_same_run_and_writes_the_figures(digits_run):
     art = {a.path for a in client.list_artifacts(run_id, "analysis")}
     for name in ("head_cka", "attention_stats", "ablation", "corruptions", "patterns", "cls_attention_layer_0"):
         assert f"analysis/{name}.png" in art
-    pngs = list((root / "logs" / "analyze").glob("*/analysis/*.png"))
+    pngs = list((tmp_path / "analysis").glob("*.png"))
     assert len(pngs) == len(art) and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
@@ -258,12 +271,7 @@ def test_fibo_analyze_without_ckpt_path_is_one_clear_line(tmp_path):
 
 
 def _cfg(**overrides):
-    cfg = OmegaConf.load(ROOT / "conf" / "analyze.yaml")
-    cfg.pop("hydra")
-    cfg.pop("defaults")
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+    return _compose(*(f"{k}={v}" for k, v in overrides.items()))
 
 
 def test_errors_name_the_bad_input(digits_run, tmp_path):
@@ -293,33 +301,63 @@ def test_errors_name_the_bad_input(digits_run, tmp_path):
         analyze(_cfg(ckpt_path=str(robot / "checkpoints" / "last.ckpt")), tmp_path)
 
 
-def test_a_run_gone_from_the_store_gets_a_child_run(digits_run, tmp_path):
+def test_a_run_gone_from_the_store_gets_a_child_run(digits_run, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from fibo.analysis.analyze import analyze
+    from fibo.tracking import RUN_ID_KEY
 
     root, ckpt = digits_run
-    gone = tmp_path / "gone_run"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    original = torch.load(ckpt, map_location="cpu", weights_only=False)[RUN_ID_KEY]
+    gone = tmp_path / "gone_run"  # the run folder, pointed at a copy of the store in which the run is deleted
     shutil.copytree(ckpt.parent.parent, gone)
-    cfg = OmegaConf.load(gone / ".hydra" / "config.yaml")
-    cfg.paths.root_dir = str(tmp_path)  # another (empty) store: the run is not there
-    OmegaConf.save(cfg, gone / ".hydra" / "config.yaml")
-    summary = analyze(_cfg(ckpt_path=str(gone / "checkpoints" / "last.ckpt"), max_samples=16, ablation=False,
-                           **{"corruptions.names": [], "pictures.num_inputs": 0}), tmp_path / "out")
-    assert summary.child_run
+    shutil.copy(root / "mlflow.db", tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_run(original)
+    before = client.get_run(original).data.metrics
+    cfg = OmegaConf.load(gone / ".hydra" / "config.yaml")
+    cfg.paths.root_dir = str(tmp_path)
+    OmegaConf.save(cfg, gone / ".hydra" / "config.yaml")
+    summary = analyze(_cfg(ckpt_path=str(gone / "checkpoints" / "last.ckpt"), max_samples=16, ablation="false",
+                           **{"corruptions.names": "[]", "pictures.num_inputs": 0}), tmp_path / "out")
+    assert summary.child_run and summary.run_id != original
     child = client.get_run(summary.run_id)
-    original = torch.load(ckpt, map_location="cpu", weights_only=False)["fibo_mlflow_run_id"]
     assert child.data.tags["mlflow.parentRunId"] == original and child.info.status == "FINISHED"
     assert "analysis/head_cka_mean" in child.data.metrics
+    assert client.get_run(original).data.metrics == before  # nothing logged into the deleted run
 
 
-def test_attention_sites_of_a_timesformer_are_spatial_and_temporal():
+@pytest.mark.parametrize("attention_type", ["divided", "joint"])
+def test_measurements_on_a_tiny_timesformer(attention_type):
+    from fibo.analysis.measure import cls_attention_maps, head_ablation, heads_pass, patch_grid
     from fibo.models.timesformer import TimeSformer
 
+    torch.manual_seed(0)
     model = TimeSformer(img_size=16, patch_size=4, num_frames=4, in_chans=3, num_classes=4, embed_dim=24, depth=2,
-                        num_heads=3, attention={"name": "fibottention"})
+                        num_heads=3, attention={"name": "fibottention"}, attention_type=attention_type).eval()
     sites = attention_sites(model)
-    assert [(s.name, s.key, s.kind) for s in sites] == [
-        ("blocks.0.attn", "layer_0", "spatial"), ("blocks.0.temporal_attn", "temporal_layer_0", "temporal"),
-        ("blocks.1.attn", "layer_1", "spatial"), ("blocks.1.temporal_attn", "temporal_layer_1", "temporal")]
+    names = [(s.name, s.key, s.kind) for s in sites]
+    if attention_type == "divided":
+        assert names == [("blocks.0.attn", "layer_0", "spatial"), ("blocks.0.temporal_attn", "temporal_layer_0", "temporal"),
+                         ("blocks.1.attn", "layer_1", "spatial"), ("blocks.1.temporal_attn", "temporal_layer_1", "temporal")]
+    else:
+        assert names == [("blocks.0.attn", "layer_0", "spatial"), ("blocks.1.attn", "layer_1", "spatial")]
+    clips = torch.randn(6, 3, 4, 16, 16)
+    batches = [(clips[:3], torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])), (clips[3:], torch.tensor([3, 1, 2]), torch.tensor([2, 3, 4]))]
+    grid = patch_grid(model)
+    res = heads_pass(model, sites, batches, torch.device("cpu"), grid)
+    assert res.accuracy in {i / 5 for i in range(6)}  # 5 videos (video 0 has two views)
+    assert res.num_tokens["layer_0"] == (16 if attention_type == "divided" else 64)
+    for key, m in res.cka.items():
+        assert m.shape == (3, 3) and np.allclose(np.diag(m), 1)
+    if attention_type == "divided":
+        assert res.num_tokens["temporal_layer_0"] == 4
+        assert (res.distance["temporal_layer_0"] <= 3).all()  # frames: at most T - 1 apart
+    maps = cls_attention_maps(model, sites, clips[:2], torch.device("cpu"), grid)
+    assert set(maps) == {"layer_0", "layer_1"}  # temporal attention has no CLS token
+    assert maps["layer_0"].shape == (4, 3, 4, 4)  # one row per frame of the first clip, heads, grid
+    if attention_type == "divided":  # each frame's CLS row sums to 1 over CLS + that frame's patches
+        assert (maps["layer_0"].sum((-1, -2)) <= 1 + 1e-5).all()
+    abl = head_ablation(model, sites[:1], lambda: batches, torch.device("cpu"))
+    assert abl["layer_0"].shape == (3,)

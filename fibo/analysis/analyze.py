@@ -80,14 +80,19 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_split(split: str) -> None:
+    """Raises ValueError unless ``split`` is one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: the data has no such split; choose split=val or split=test")
+
+
 def split_loader(datamodule, split: str):
     """The data module's loader for ``split``.
 
     Raises:
         ValueError: ``split`` is not val/test or the data module has no such split.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: the data has no such split; choose split=val or split=test")
+    check_split(split)
     try:
         loader = getattr(datamodule, f"{split}_dataloader")()
     except (AttributeError, KeyError, NotImplementedError, TypeError) as err:
@@ -144,8 +149,7 @@ def analyze(cfg, out_dir: Path) -> Summary:
     """
     run = load_checkpoint(cfg.ckpt_path)
     split = str(cfg.split)
-    if split not in SPLITS:
-        split_loader(None, split)  # raises the split error before anything is built
+    check_split(split)  # before anything is built
     names = corruption_names(cfg.corruptions.names)  # bad names fail before the long passes
     device = _device(str(cfg.device))
     datamodule, task = build_task(run)
@@ -206,7 +210,8 @@ def analyze(cfg, out_dir: Path) -> Summary:
 
 def _figures(cfg, run, sites, heads, means, ablation, corr_results, datamodule, task, device, grid, out_dir: Path) -> list[Path]:
     files = []
-    title = f"{run.cfg.get('run_name') or run.run_dir.name} ({split_title(cfg)})"
+    name = run.cfg.get("run_name") or run.run_dir.name
+    title = f"{name} ({split_title(cfg)})"
     for kind in sorted({s.kind for s in sites}):
         group = [s for s in sites if s.kind == kind]
         suffix = "" if kind == "spatial" else "_temporal"
@@ -226,7 +231,7 @@ def _figures(cfg, run, sites, heads, means, ablation, corr_results, datamodule, 
         for s in group:
             mask = s.module.get_mask(heads.num_tokens[s.key], "cpu")
             masks[s.key] = None if mask is None else mask.numpy()
-        files.append(figures.patterns(masks, out_dir / f"patterns{suffix}.png", f"attention pattern per head, {title}"))
+        files.append(figures.patterns(masks, out_dir / f"patterns{suffix}.png", f"attention pattern per head, {name}"))
     if corr_results:
         files.append(figures.corruption_curves(corr_results, heads.accuracy, out_dir / "corruptions.png"))
     num = int(cfg.pictures.num_inputs or 0)
@@ -240,7 +245,7 @@ def _figures(cfg, run, sites, heads, means, ablation, corr_results, datamodule, 
             images, labels = [_display(xi) for xi in x], [f"val input {i}" for i in range(len(x))]
         for key, m in maps.items():
             files.append(figures.cls_attention(images, m, labels, out_dir / f"cls_attention_{key}.png",
-                                               f"CLS-to-patch attention, {key}, {title}"))
+                                               f"CLS-to-patch attention, {key}, {name} (val inputs)"))
     return files
 
 

@@ -109,8 +109,11 @@ def patterns(masks: Mapping[str, np.ndarray | None], path: Path, title: str) -> 
             ax.set_xticks([])
             ax.set_yticks([])
             if m is None:
-                ax.imshow(np.ones((2, 2)), cmap="gray", vmin=0, vmax=1)
-                ax.set_title(f"{key} h{h}: dense", fontsize=7)
+                if h == 0:
+                    ax.imshow(np.ones((2, 2)), cmap="gray", vmin=0, vmax=1)
+                    ax.set_title(f"{key}: dense (every head)", fontsize=7)
+                else:
+                    ax.axis("off")
             elif h < m.shape[0]:
                 ax.imshow(m[h], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
                 ax.set_title(f"{key} h{h}: {100 * m[h].mean():.1f}%", fontsize=7)
