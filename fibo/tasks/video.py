@@ -12,15 +12,15 @@ class VideoClassifier(ImageClassifier):
     """Classifies clips ``(B, C, T, H, W)``; batches are ``(clips, labels, video_index)``.
 
     Training and validation score single clips (``train/*``, ``val/*``: one centred view per video
-    in validation unless the DataModule gives more). Testing averages the logits of all views
-    (temporal clips x spatial crops) of each video, then scores videos: ``test/acc1``,
+    in validation unless the DataModule gives more). Testing sums the softmax outputs (class
+    probabilities) of all views (temporal clips x spatial crops) of each video, then scores videos: ``test/acc1``,
     ``test/acc5`` are per video (under DDP the views of every process are gathered first);
     ``test/clip_acc1`` per view. Same optimiser and schedule as
     :class:`~fibo.tasks.image.ImageClassifier`.
     """
 
     def on_test_epoch_start(self) -> None:
-        self._video_logits: dict[int, torch.Tensor] = {}
+        self._video_probs: dict[int, torch.Tensor] = {}
         self._video_labels: dict[int, int] = {}
 
     def test_step(self, batch, batch_idx: int) -> None:
@@ -28,13 +28,13 @@ class VideoClassifier(ImageClassifier):
         logits = self(clips)
         self.log("test/loss", self.criterion(logits, labels), on_epoch=True, batch_size=len(labels))
         self.log("test/clip_acc1", (logits.argmax(-1) == labels).float().mean(), on_epoch=True, batch_size=len(labels))
-        for logit, label, vid in zip(logits.detach().float().softmax(-1), labels.tolist(), video_index.tolist()):
-            self._video_logits[vid] = self._video_logits.get(vid, 0) + logit
+        for prob, label, vid in zip(logits.detach().float().softmax(-1), labels.tolist(), video_index.tolist()):
+            self._video_probs[vid] = self._video_probs.get(vid, 0) + prob
             self._video_labels[vid] = label
 
     def on_test_epoch_end(self) -> None:
         n = self.hparams.num_classes
-        local = max(self._video_logits, default=-1) + 1
+        local = max(self._video_probs, default=-1) + 1
         num_videos = int(self.all_gather(torch.tensor(local, device=self.device)).max()) if self._distributed else local
         if num_videos == 0:
             return
@@ -42,8 +42,8 @@ class VideoClassifier(ImageClassifier):
         # views of one video can land on different processes (DistributedSampler splits views)
         scores = torch.zeros(num_videos, n, device=self.device)
         labels = torch.full((num_videos,), -1, dtype=torch.long, device=self.device)
-        for vid, logit in self._video_logits.items():
-            scores[vid] += logit.to(self.device)
+        for vid, prob in self._video_probs.items():
+            scores[vid] += prob.to(self.device)
             labels[vid] = self._video_labels[vid]
         if self._distributed:
             scores = self.all_gather(scores).sum(0)
