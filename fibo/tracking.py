@@ -98,17 +98,25 @@ def prepare_store(uri: str, lock_timeout_s: float = 600) -> None:
     the data) and the migration rerun (``mlflow db upgrade``, MLflow's public CLI). Other URIs: nothing.
 
     Raises:
-        TrackingError: the store cannot be repaired safely; the message names the table and the fix.
+        TrackingError: the store cannot be repaired safely (the message names the table and the fix),
+            or another process holds the lock for ``lock_timeout_s`` seconds.
     """
     db = _sqlite_path(uri)
     if db is None:
         return
     from filelock import FileLock
 
+    from filelock import Timeout
+
     db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{db}.lock", timeout=lock_timeout_s):
-        _repair_half_migrated(db, uri)
-        _open_store(uri, db)
+    try:
+        with FileLock(f"{db}.lock", timeout=lock_timeout_s):
+            _repair_half_migrated(db, uri)
+            _open_store(uri, db)
+    except Timeout:
+        raise TrackingError(f"MLflow store {db}: another process has held {db}.lock for {lock_timeout_s:g} s while "
+                            f"creating or migrating the store; wait for it, or find the hung process (the lock is "
+                            f"released when its holder exits)") from None
 
 
 def _open_store(uri: str, db: Path) -> None:

@@ -424,3 +424,56 @@ def test_fast_dev_run_records_the_printed_test_metrics_and_quotes_the_store(tmp_
     _, runs = mlflow_runs(root, "fibo-debug")
     assert runs[0].data.metrics["test/acc1"] == pytest.approx(result)
     assert f"fibo: test/acc1 = {result:.4f}" in out
+
+
+def test_a_store_whose_lock_is_held_names_the_lock(tmp_path):
+    from filelock import FileLock
+
+    from fibo.tracking import TrackingError, prepare_store
+
+    db = tmp_path / "m.db"
+    code = f"from filelock import FileLock; import time; l = FileLock('{db}.lock'); l.acquire(); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TrackingError) as err:
+            prepare_store(f"sqlite:///{db}", lock_timeout_s=0.5)
+        assert str(err.value) == (f"MLflow store {db}: another process has held {db}.lock for 0.5 s while creating or "
+                                  f"migrating the store; wait for it, or find the hung process (the lock is released "
+                                  f"when its holder exits)")
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare_store(f"sqlite:///{db}", lock_timeout_s=30)  # released with its holder
+    assert FileLock(f"{db}.lock").acquire(timeout=1)
+
+
+class NaNOnRankOne(__import__("fibo.tasks.base", fromlist=["BaseTask"]).BaseTask):
+    """A linear model whose loss is NaN on DDP rank 1 only, from its second step."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__(torch.nn.Linear(4, 1), lr=0.1, warmup_epochs=0)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(batch).pow(2).mean()
+        return loss * float("nan") if self.global_rank == 1 and self.global_step >= 1 else loss
+
+    def train_dataloader(self):
+        import torch
+
+        return torch.utils.data.DataLoader(torch.randn(32, 4), batch_size=4)
+
+
+@pytest.mark.slow
+def test_divergence_on_one_ddp_process_stops_every_process():
+    """The finiteness decision is taken together, so no process waits in the next all-reduce for one
+    that stopped; every process raises DivergedError at the same step."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", strategy="ddp_spawn", devices=2, max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(Exception, match=r"training diverged: the loss is (nan|not finite on another DDP process) at "
+                                         r"step 1 \(epoch 0\)"):
+        trainer.fit(NaNOnRankOne())

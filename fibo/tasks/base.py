@@ -99,15 +99,16 @@ class BaseTask(L.LightningModule):
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         """Raises :class:`DivergedError` when ``loss`` is not finite (on any process)."""
-        finite = bool(torch.isfinite(loss.detach()).all())
+        local = bool(torch.isfinite(loss.detach()).all())
+        finite = local
         if self._trainer is not None and self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+            finite = self.trainer.strategy.reduce_boolean_decision(local, all=True)
         if not finite:
             step, epoch = (self.trainer.global_step, self.trainer.current_epoch) if self._trainer else (0, 0)
+            what = "not finite on another DDP process" if local else str(float(loss.detach().float().mean()))
             raise DivergedError(
-                f"training diverged: the loss is {float(loss.detach().float().mean())} at step {step} (epoch {epoch}), "
-                f"the run stops before this step's update; lower task.lr (now {self.effective_lr:g}) or check the "
-                f"data for NaN/inf values")
+                f"training diverged: the loss is {what} at step {step} (epoch {epoch}), the run stops before this "
+                f"step's update; lower task.lr (now {self.effective_lr:g}) or check the data for NaN/inf values")
 
     @property
     def global_batch_size(self) -> int | None:
