@@ -137,7 +137,8 @@ def test_zero_score_semantics_multiplies_the_scores_by_the_mask():
 def test_attention_statistics_of_uniform_attention_on_a_2x2_grid():
     assert token_coordinates(4, (2, 2)).tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
     assert token_coordinates(8, (2, 2))[5].tolist() == [1, 0, 1]  # joint: (frame, row, col)
-    assert token_coordinates(3, (2, 2)).tolist() == [[0], [1], [2]]  # temporal: frames
+    assert token_coordinates(3, (2, 2)).tolist() == [[0], [1], [2]]  # not a grid: a sequence
+    assert token_coordinates(4, None).tolist() == [[0], [1], [2], [3]]  # temporal attention: frames
     stats = AttentionStats(num_heads=2, num_prefix_tokens=1, grid=(2, 2))
     probs = torch.full((3, 2, 5, 5), 0.2)  # uniform over CLS + 4 patches
     probs[:, 1] = 0
@@ -151,6 +152,10 @@ def test_attention_statistics_of_uniform_attention_on_a_2x2_grid():
     assert res["entropy"][0].item() == pytest.approx(math.log(5))
     assert res["distance"][1].item() == pytest.approx(0.0)
     assert res["entropy"][1].item() == pytest.approx(math.log(2))
+    # a 1-D sequence (temporal attention, no CLS): uniform over 4 frames, mean |i - j| = 20 / 16
+    frames = AttentionStats(num_heads=1, num_prefix_tokens=0, grid=None)
+    frames.update(torch.full((2, 1, 4, 4), 0.25))
+    assert frames.result()["distance"].item() == pytest.approx(1.25)
 
 
 # ---- corruptions (imagecorruptions) ---------------------------------------------------------------

@@ -141,16 +141,33 @@ def _corruptions(task, datamodule, split: str, cfg, device, kind: str) -> tuple[
 
 def analyze(cfg, out_dir: Path) -> Summary:
     """Run every measurement configured in ``cfg`` (``conf/analyze.yaml``) on ``cfg.ckpt_path``,
-    write the figures to ``out_dir`` and log everything into the checkpoint's MLflow run.
+    write the figures to ``out_dir`` and log everything into the checkpoint's MLflow run (opened
+    first, so that an unreachable store fails before the long passes).
 
     Raises:
         ValueError / FileNotFoundError: see :func:`fibo.analysis.loading.load_checkpoint`,
             :func:`split_loader`, :func:`corruption_names`.
     """
     run = load_checkpoint(cfg.ckpt_path)
-    split = str(cfg.split)
-    check_split(split)  # before anything is built
-    names = corruption_names(cfg.corruptions.names)  # bad names fail before the long passes
+    check_split(str(cfg.split))  # before anything is built
+    corruption_names(cfg.corruptions.names)  # bad names fail before the long passes
+    target = open_target(run.cfg, run.run_id, cfg.tracking_uri)
+    try:
+        metrics, tags, files = _measure(cfg, run, Path(out_dir))
+        target.log_metrics(metrics)
+        for key, value in tags.items():
+            target.client.set_tag(target.run_id, key, value)
+        if files:
+            target.log_dir(Path(out_dir), "analysis")
+    except BaseException:
+        target.close("FAILED")
+        raise
+    target.close("FINISHED")
+    return Summary(target.run_id, target.tracking_uri, target.created, metrics, tags, files)
+
+
+def _measure(cfg, run, out_dir: Path) -> tuple[dict[str, float], dict[str, str], list[Path]]:
+    split, max_samples = str(cfg.split), cfg.max_samples
     device = _device(str(cfg.device))
     datamodule, task = build_task(run)
     task.to(device)
@@ -161,7 +178,6 @@ def analyze(cfg, out_dir: Path) -> Summary:
     split_loader(datamodule, split)
     sites = attention_sites(model)
     grid = patch_grid(model)
-    max_samples = cfg.max_samples
 
     log.info("analysing %s (%s, %d attention modules) on the %s split", run.path, run.kind, len(sites), split)
     heads = heads_pass(task, sites, split_loader(datamodule, split), device, grid, max_samples)
@@ -189,23 +205,10 @@ def analyze(cfg, out_dir: Path) -> Summary:
         metrics["analysis/ablation_max_drop"] = heads.accuracy - float(ablation[worst_key].min())
         tags["analysis.ablation_max_drop_head"] = f"{worst_key}/head_{int(ablation[worst_key].argmin())}"
 
-    corr_results, corr_metrics = _corruptions(task, datamodule, split, cfg, device, run.kind) if names else ({}, {})
+    corr_results, corr_metrics = _corruptions(task, datamodule, split, cfg, device, run.kind)
     metrics.update(corr_metrics)
-
-    out_dir = Path(out_dir)
     files = _figures(cfg, run, sites, heads, means, ablation, corr_results, datamodule, task, device, grid, out_dir)
-    target = open_target(run.cfg, run.run_id, cfg.tracking_uri)
-    try:
-        target.log_metrics(metrics)
-        for key, value in tags.items():
-            target.client.set_tag(target.run_id, key, value)
-        if files:
-            target.log_dir(out_dir, "analysis")
-    except BaseException:
-        target.close("FAILED")
-        raise
-    target.close("FINISHED")
-    return Summary(target.run_id, target.tracking_uri, target.created, metrics, tags, files)
+    return metrics, tags, files
 
 
 def _figures(cfg, run, sites, heads, means, ablation, corr_results, datamodule, task, device, grid, out_dir: Path) -> list[Path]:

@@ -42,7 +42,7 @@ def _library():
         import imagecorruptions
     except ImportError as err:
         raise ImportError("corruption robustness needs the imagecorruptions package: "
-                          "pip install imagecorruptions-imaug (or analysis.corruptions.names=[] to skip it)") from err
+                          "pip install imagecorruptions-imaug (or corruptions.names=[] to skip it)") from err
     return imagecorruptions
 
 

@@ -38,6 +38,6 @@ def accuracy(model: nn.Module, batches: Iterable, device: torch.device, max_samp
         if max_samples is not None and seen >= max_samples:
             break
     if not scores:
-        raise ValueError("no sample to evaluate: the split is empty (or analysis.max_samples=0)")
+        raise ValueError("no sample to evaluate: the split is empty (or max_samples=0)")
     correct = sum(int(scores[i].argmax()) == labels[i] for i in scores)
     return correct / len(scores)

@@ -51,7 +51,8 @@ def heads_pass(model: torch.nn.Module, sites: list[AttentionSite], batches: Iter
                grid: tuple[int, int], max_samples: int | None = None) -> HeadsResult:
     """Accuracy, head CKA and attention statistics of ``model`` over ``batches`` in one pass."""
     ckas = {s.key: HeadCKA(s.module.num_heads) for s in sites}
-    stats = {s.key: AttentionStats(s.module.num_heads, s.module.num_prefix_tokens, grid) for s in sites}
+    stats = {s.key: AttentionStats(s.module.num_heads, s.module.num_prefix_tokens, None if s.kind == "temporal" else grid)
+             for s in sites}  # temporal attention runs over frames: distances in frames
     tokens: dict[str, int] = {}
 
     def on_probs(site: AttentionSite) -> Callable:

@@ -16,13 +16,16 @@ from __future__ import annotations
 import torch
 
 
-def token_coordinates(num_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+def token_coordinates(num_tokens: int, grid: tuple[int, int] | None) -> torch.Tensor:
     """``(num_tokens, k)`` float coordinates of the patch tokens: ``(row, col)`` when
     ``num_tokens = rows * cols``; ``(frame, row, col)`` when it is a multiple (joint space-time,
-    time-major); else ``(index,)`` (a 1-D sequence, e.g. frames of temporal attention)."""
+    time-major); else, or with ``grid=None``, ``(index,)`` (a 1-D sequence, e.g. the frames of
+    temporal attention)."""
+    idx = torch.arange(num_tokens)
+    if grid is None:
+        return idx[:, None].float()
     rows, cols = grid
     p = rows * cols
-    idx = torch.arange(num_tokens)
     if num_tokens == p:
         return torch.stack([idx // cols, idx % cols], 1).float()
     if num_tokens % p == 0:
@@ -35,9 +38,10 @@ class AttentionStats:
     """Accumulates the mean attention distance and entropy per head of one attention module.
 
     ``update(probs)`` takes ``(B, H, L, L)`` probabilities of a module with ``num_prefix_tokens``
-    leading tokens (CLS) and ``L - num_prefix_tokens`` patch tokens on ``grid``."""
+    leading tokens (CLS) and ``L - num_prefix_tokens`` patch tokens on ``grid`` (None: a 1-D
+    sequence, see :func:`token_coordinates`)."""
 
-    def __init__(self, num_heads: int, num_prefix_tokens: int, grid: tuple[int, int]) -> None:
+    def __init__(self, num_heads: int, num_prefix_tokens: int, grid: tuple[int, int] | None) -> None:
         self.num_heads, self.prefix, self.grid = num_heads, num_prefix_tokens, grid
         self.distance = torch.zeros(num_heads, dtype=torch.float64)
         self.entropy = torch.zeros(num_heads, dtype=torch.float64)
