@@ -306,6 +306,24 @@ def test_errors_name_the_bad_input(digits_run, tmp_path):
         analyze(_cfg(ckpt_path=str(robot / "checkpoints" / "last.ckpt")), tmp_path)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"model.patch_size": 4}, r"its weights do not fit the model of its run config \(Error\(s\) in loading state_dict"),
+    ({"attention.name": "nope"}, r"does not build with this fibo: unknown attention pattern 'nope'"),
+])
+def test_a_run_config_that_does_not_fit_its_checkpoint_is_named(digits_run, tmp_path, change, message):
+    from fibo.analysis.analyze import analyze
+
+    _, ckpt = digits_run
+    run = tmp_path / "run"
+    shutil.copytree(ckpt.parent.parent, run)
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    for key, value in change.items():
+        OmegaConf.update(cfg, key, value)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    with pytest.raises(ValueError, match=r"^ckpt_path=.*" + message):
+        analyze(_cfg(ckpt_path=str(run / "checkpoints" / "last.ckpt")), tmp_path)
+
+
 def test_a_run_gone_from_the_store_gets_a_child_run(digits_run, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

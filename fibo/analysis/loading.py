@@ -92,13 +92,21 @@ def build_task(run: RunCheckpoint):
     (strict), in eval mode.
 
     Raises:
-        ValueError: the weights do not fit the model the config builds.
+        ValueError: the run config no longer builds (e.g. an option this fibo has dropped), or the
+            weights do not fit the model it builds.
     """
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    datamodule = instantiate(run.cfg.data)
-    model = instantiate(run.cfg.model)
-    task = instantiate(run.cfg.task, model=model)
+    try:
+        datamodule = instantiate(run.cfg.data)
+        model = instantiate(run.cfg.model)
+        task = instantiate(run.cfg.task, model=model)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ValueError(f"ckpt_path={run.path}: its run config ({run.run_dir / '.hydra' / 'config.yaml'}) does not "
+                         f"build with this fibo: {first}") from None
     try:
         task.load_state_dict(run.state_dict, strict=True)
     except RuntimeError as err:
