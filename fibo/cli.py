@@ -93,11 +93,12 @@ def absolute_cli_paths(cfg: DictConfig, overrides: list[str], cwd: str) -> None:
     for override in OverridesParser.create().parse_overrides(overrides):
         key, value = override.key_or_group, override.value()
         name = key.rsplit(".", 1)[-1]
-        if key.startswith("hydra.") or not isinstance(value, str) or not value or os.path.isabs(value) \
-                or not (name in PATH_KEYS or name.endswith(PATH_SUFFIXES)) or "://" in value:
+        if key.startswith("hydra.") or not isinstance(value, str) or not value or "://" in value \
+                or not (name in PATH_KEYS or name.endswith(PATH_SUFFIXES)):
             continue
-        if OmegaConf.select(cfg, key) == value:
-            OmegaConf.update(cfg, key, str(Path(cwd, value).expanduser()), force_add=False)
+        path = Path(value).expanduser()
+        if not path.is_absolute() and OmegaConf.select(cfg, key) == value:
+            OmegaConf.update(cfg, key, str(Path(cwd) / path), force_add=False)
 
 
 NAMED_GROUPS = ("model", "attention", "data", "seed")  # always in the default run name

@@ -270,14 +270,15 @@ def test_command_line_paths_resolve_against_the_launch_directory(tmp_path):
 
     from fibo.cli import absolute_cli_paths
 
-    cfg = OmegaConf.create({"data": {"root": "imgs", "train_list": "a/train.txt", "img_size": 16, "name": "x"},
+    cfg = OmegaConf.create({"data": {"root": "imgs", "train_list": "a/train.txt", "img_size": 16, "name": "x",
+                                     "val_list": "~/v.txt"},
                             "ckpt_path": "runs/last.ckpt", "paths": {"root_dir": "/abs"}})
     overrides = ["data.root=imgs", "data.train_list=a/train.txt", "data.name=x", "ckpt_path=runs/last.ckpt",
-                 "paths.root_dir=/abs", "data=imagefolder"]
+                 "paths.root_dir=/abs", "data=imagefolder", "data.val_list=~/v.txt"]
     absolute_cli_paths(cfg, overrides, str(tmp_path))
     assert cfg.data.root == str(tmp_path / "imgs") and cfg.data.train_list == str(tmp_path / "a" / "train.txt")
     assert cfg.ckpt_path == str(tmp_path / "runs" / "last.ckpt")
-    assert cfg.data.name == "x" and cfg.paths.root_dir == "/abs"
+    assert cfg.data.name == "x" and cfg.paths.root_dir == "/abs" and cfg.data.val_list == "~/v.txt"  # ~ is absolute
 
 
 def _image_folder(root: Path) -> None:
