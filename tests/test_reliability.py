@@ -274,7 +274,7 @@ def test_command_line_paths_resolve_against_the_launch_directory(tmp_path):
                                      "val_list": "~/v.txt"},
                             "ckpt_path": "runs/last.ckpt", "paths": {"root_dir": "/abs"}})
     overrides = ["data.root=imgs", "data.train_list=a/train.txt", "data.name=x", "ckpt_path=runs/last.ckpt",
-                 "paths.root_dir=/abs", "data=imagefolder", "data.val_list=~/v.txt"]
+                 "paths.root_dir=/abs", "data=imagefolder", "data.val_list='~/v.txt'"]
     absolute_cli_paths(cfg, overrides, str(tmp_path))
     assert cfg.data.root == str(tmp_path / "imgs") and cfg.data.train_list == str(tmp_path / "a" / "train.txt")
     assert cfg.ckpt_path == str(tmp_path / "runs" / "last.ckpt")
