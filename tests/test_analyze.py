@@ -295,6 +295,13 @@ def test_errors_name_the_bad_input(digits_run, tmp_path):
         analyze(_cfg(ckpt_path=str(foreign)), tmp_path)
     with pytest.raises(ValueError, match=r"^split='train': the data has no such split; choose split=val or split=test$"):
         analyze(_cfg(ckpt_path=str(ckpt), split="train"), tmp_path)
+    from conftest import free_port
+
+    from fibo.tracking import TrackingError
+
+    port = free_port()
+    with pytest.raises(TrackingError, match=f"http://127.0.0.1:{port}"):  # before any pass over the data
+        analyze(_cfg(ckpt_path=str(ckpt), tracking_uri=f"http://127.0.0.1:{port}"), tmp_path)
     # a robot run: the same run folder with the robot task in its config
     robot = tmp_path / "robot_run"
     shutil.copytree(ckpt.parent.parent, robot)

@@ -3,7 +3,8 @@
     fibo-analyze ckpt_path=logs/runs/<run>/checkpoints/last.ckpt [split=val] [corruptions.names=[fog]]
 
 Bad input (no ``ckpt_path``, a file that is not a fibo checkpoint, a robot run, an unknown split
-or corruption) stops with one line naming it and the fix (exit status 2).
+or corruption, an MLflow server that does not answer) stops with one line naming it and the fix
+(exit status 2).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from fibo.analysis.analyze import analyze
+    from fibo.tracking import TrackingError
 
     out_dir = os.path.join(HydraConfig.get().runtime.output_dir, "analysis")
     try:
         summary = analyze(cfg, out_dir)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, TrackingError) as err:
         print(f"fibo-analyze: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     m = summary.metrics

@@ -44,17 +44,25 @@ def open_target(cfg, run_id: str, tracking_uri: str | None = None) -> Target:
     """The MLflow run ``run_id`` of the store the run config ``cfg`` logged to (``tracking_uri``
     overrides it; else ``cfg.logger.tracking_uri`` / ``$MLFLOW_TRACKING_URI`` / the run's SQLite
     store, as :func:`fibo.tracking.resolve_tracking_uri` resolves them), or a new child run of it
-    in experiment ``cfg.experiment_name`` if the store no longer has it."""
+    in experiment ``cfg.experiment_name`` if the store no longer has it. A server is probed and a
+    SQLite store prepared as ``fibo-run`` does (:func:`fibo.tracking.check_tracking_server`,
+    :func:`fibo.tracking.prepare_store`).
+
+    Raises:
+        fibo.tracking.TrackingError: the server does not answer, or the store cannot be prepared.
+    """
     import os
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from fibo.tracking import resolve_tracking_uri
+    from fibo.tracking import check_tracking_server, prepare_store, resolve_tracking_uri
 
     logger_cfg = cfg.get("logger") or {}
     default_store = logger_cfg.get("default_store") or "mlflow.db"
     uri = resolve_tracking_uri(tracking_uri or logger_cfg.get("tracking_uri"), default_store)
+    check_tracking_server(uri)
+    prepare_store(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         if client.get_run(run_id).info.lifecycle_stage != "deleted":
