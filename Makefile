@@ -11,7 +11,7 @@ STAMP := $(VENV)/.fibo-installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup run test ui compare clean-runs
+.PHONY: setup run test ui compare analyze clean-runs
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ ui: setup
 # Compare runs (one line per configuration, mean ± std over seeds, plot): make compare ARGS="-e fibo"
 compare: setup
 	$(VENV)/bin/fibo-compare $(ARGS)
+
+# Analyse a trained run (head CKA, attention statistics, head ablation, corruptions, pictures) into
+# its MLflow run: make analyze ARGS="ckpt_path=logs/runs/<run>/checkpoints/last.ckpt"
+analyze: setup
+	$(VENV)/bin/fibo-analyze $(ARGS)
 
 clean-runs:
 	rm -rf logs mlflow.db mlartifacts
