@@ -487,6 +487,12 @@ def _client(tracking_uri: str):
         raise CompareError(
             f"no MLflow store at {db}: run fibo-run first (in this directory, or with FIBO_ROOT), "
             f"or point --tracking-uri / MLFLOW_TRACKING_URI at a store")
+    from fibo.store import TrackingError, check_tracking_server
+
+    try:
+        check_tracking_server(tracking_uri)  # an http(s) server that does not answer: one line in seconds
+    except TrackingError as err:
+        raise CompareError(str(err)) from None
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)

@@ -179,7 +179,7 @@ def check_checkpoint_fits(ckpt: Mapping[str, Any], model, ckpt_path: str, change
         name = key[len("model."):] if key.startswith("model.") else None
         if name in mine and hasattr(value, "shape") and tuple(value.shape) != tuple(mine[name].shape):
             why = ("options changed since the run: " + "; ".join(changed)) if changed else \
-                "likely changed: an option that sets the model's sizes (data.img_size, data.patch_size, " \
+                "likely changed: an option that sets the model's sizes (data.img_size, model.patch_size, " \
                 "data.num_classes, model.*)"
             raise ValueError(f"ckpt_path={ckpt_path} does not fit the model as configured: {name} is "
                              f"{list(value.shape)} in the checkpoint but {list(mine[name].shape)} now ({why}); "

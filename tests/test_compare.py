@@ -145,6 +145,20 @@ def test_missing_default_store_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "mlflow.db").exists()  # looking did not create an empty store
 
 
+def test_unreachable_server_is_one_line_within_seconds(capsys):
+    """An MLflow server that does not answer (issue 11 item 3): MLflow alone retried for minutes and
+    then printed a traceback; fibo-compare probes it and stops with one line naming the URI."""
+    import time
+
+    start = time.perf_counter()
+    assert fc.main(["--tracking-uri", "http://127.0.0.1:1"]) == 1
+    assert time.perf_counter() - start < 15
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "fibo-compare: error: MLflow tracking server http://127.0.0.1:1 is unreachable (")
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in err
+
+
 def test_default_store_follows_fibo_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("FIBO_ROOT", str(tmp_path))
