@@ -56,9 +56,9 @@ def test_two_runs_started_together_on_a_new_store_both_finish_in_their_own_folde
 
 
 def test_run_folder_suffix_is_fixed_per_process_and_differs_between_processes():
-    from fibo.cli import RUN_SUFFIX
+    from fibo.launch import RUN_SUFFIX
 
-    code = "from fibo.cli import RUN_SUFFIX; print(RUN_SUFFIX)"
+    code = "from fibo.launch import RUN_SUFFIX; print(RUN_SUFFIX)"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{6}", RUN_SUFFIX) and re.fullmatch(r"[0-9a-f]{6}", other)
     assert other != RUN_SUFFIX
@@ -268,7 +268,7 @@ def test_a_huge_lr_diverges_and_ends_failed_not_finished(tmp_path):
 def test_command_line_paths_resolve_against_the_launch_directory(tmp_path):
     from omegaconf import OmegaConf
 
-    from fibo.cli import absolute_cli_paths
+    from fibo.launch import absolute_cli_paths
 
     cfg = OmegaConf.create({"data": {"root": "imgs", "train_list": "a/train.txt", "img_size": 16, "name": "x",
                                      "val_list": "~/v.txt"},
@@ -312,7 +312,7 @@ def test_chdir_true_keeps_relative_data_paths_and_the_default_store(tmp_path):
 
 
 def test_dot_override_of_a_config_group_names_the_group_choice():
-    from fibo.cli import check_overrides
+    from fibo.launch import check_overrides
 
     with pytest.raises(ValueError) as err:
         check_overrides(["seed=1", "model.attention=dense"])
@@ -351,7 +351,7 @@ def test_bad_seed_experiment_name_and_recipe_are_one_line(tmp_path):
     from omegaconf import OmegaConf
     from torch import nn
 
-    from fibo.cli import check_run_options
+    from fibo.launch import check_run_options
     from fibo.tasks.base import BaseTask
 
     for cfg, message in (({"seed": "abc", "experiment_name": "x"}, "seed='abc' is not an integer: pass seed=<int>, e.g. seed=0"),
@@ -389,13 +389,13 @@ def test_bench_and_demo_commands_refuse_bad_numbers(capsys):
 def test_sweep_runs_are_named_by_what_the_sweep_varies():
     from omegaconf import OmegaConf
 
-    from fibo.cli import _default_run_name, swept_overrides
+    from fibo.launch import default_run_name, swept_overrides
 
     argv = ["-m", "task.lr=0.01,0.1", "seed=0,1", "attention=dense,fibottention", "trainer.max_epochs=3"]
     swept = swept_overrides(["task.lr=0.1", "seed=1", "attention=dense", "trainer.max_epochs=3"], argv)
     assert swept == ["task.lr=0.1"]
     choices = {"model": "vit_nano", "attention": "dense", "data": "digits"}
-    assert _default_run_name(OmegaConf.create({"seed": 1}), choices, swept) == "vit_nano-dense-digits-s1-task.lr=0.1"
+    assert default_run_name(OmegaConf.create({"seed": 1}), choices, swept) == "vit_nano-dense-digits-s1-task.lr=0.1"
     assert swept_overrides(["seed=1"], ["seed=1"]) == []
 
 
