@@ -391,6 +391,22 @@ def resolve_param(runs, name: str) -> str:
                        + (", ".join(varying) or "none"))
 
 
+def params_set_by(runs, param: str) -> list[str]:
+    """Params that the ``param`` value decides: single-valued among the runs at each value of ``param``
+    and not constant overall (a sweep that pairs each training-set size with its own epochs, as
+    experiment=data_efficiency does). On a curve they belong to the x axis, not to the variant."""
+    out = []
+    for key in varying_params(runs):
+        if key == param:
+            continue
+        at = {}
+        for r in runs:
+            at.setdefault(r.data.params.get(param), set()).add(r.data.params.get(key))
+        if all(len(v) == 1 for v in at.values()):
+            out.append(key)
+    return out
+
+
 def x_values(curves: list[Curve]) -> list[str]:
     """All x values of the curves, in order: by number when every value is one, else as text."""
     values = {x for c in curves for x in c.points}
@@ -576,7 +592,10 @@ def compare(experiments: list[str] | None = None, filter_string: str = "", metri
             raise CompareError(f"no run has a value for {param} (all are null); choose another --x")
         if without:
             warnings.append(f"{len(without)} run(s) without {param} left out: " + ", ".join(without))
-        ignored += (param,)
+        with_x = [k for k in params_set_by(runs, param) if not any(fnmatch.fnmatchcase(k, p) for p in ignored)]
+        if with_x:
+            warnings.append(f"set with {param} (part of the x axis, not of the variants): " + ", ".join(with_x))
+        ignored += (param, *with_x)
     groups = _sort(group_runs(runs, ignored), density_metric)
     what = f"{metric} by {param}" if param else metric
     title = f"{what} in {', '.join(experiments)}" + (f" [{filter_string}]" if filter_string else "") + \

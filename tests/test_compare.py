@@ -197,13 +197,13 @@ DENSITY = {"dense": 1.0, "fibottention": 0.0936}
 FLOPS = {"dense": 6_489_600.0, "fibottention": 623_616.0}
 
 
-def _log_run(client, exp, attention: str, seed: int, train_samples: str | None, acc: float) -> str:
+def _log_run(client, exp, attention: str, seed: int, train_samples: str | None, acc: float, epochs: str = "40") -> str:
     name = f"vit_nano-{attention}-digits-s{seed}" + (f"-n{train_samples}" if train_samples else "")
     out = f"/r/logs/runs/{name}"
     run = client.create_run(exp, run_name=name, tags={
         "choice.task": "image", "choice.data": "digits", "choice.model": "vit_nano", "choice.attention": attention,
         "seed": str(seed), "output_dir": out})
-    params = {"seed": str(seed), "run_name": name, "attention/name": attention, "trainer/max_epochs": "40",
+    params = {"seed": str(seed), "run_name": name, "attention/name": attention, "trainer/max_epochs": epochs,
               "paths/output_dir": out, "callbacks/model_checkpoint/dirpath": f"{out}/checkpoints"}
     if train_samples is not None:
         params["data/train_samples"] = train_samples
@@ -272,6 +272,25 @@ def test_curves_pivot_the_table_and_draw_one_line_per_variant(curve_store, tmp_p
     assert run.data.params["x"] == "data/train_samples" and run.data.params["groups"] == "2"
     assert {a.path for a in client.list_artifacts(result.run_id, "comparison")} == {
         "comparison/comparison.png", "comparison/comparison.csv", "comparison/comparison.md"}
+
+
+def test_params_the_x_value_decides_belong_to_the_x_axis(tmp_path):
+    """experiment=data_efficiency trains each size for the same steps, so trainer/max_epochs goes with
+    data/train_samples: the curve keeps one line per variant and the note names the param."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("fibo", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    epochs = {"100": "150", "400": "46"}
+    for attention in ("dense", "fibottention"):
+        for x, ep in epochs.items():
+            for seed in (0, 1):
+                _log_run(client, exp, attention, seed, x, 0.5 + 0.1 * seed, epochs=ep)
+    result = fc.compare(tracking_uri=uri, x="data.train_samples", out_dir=tmp_path, log=False, quiet=True)
+    assert [(g.labels["attention"], len(g.runs)) for g in result.groups] == [("dense", 4), ("fibottention", 4)]
+    assert [r["train_samples=100"] for r in result.rows] == ["0.5500 ± 0.0707 (2)"] * 2
+    assert result.warnings == ["set with data/train_samples (part of the x axis, not of the variants): trainer/max_epochs"]
 
 
 def test_curves_linear_axis_and_the_mlflow_key_form(curve_store, tmp_path):
