@@ -175,7 +175,8 @@ def test_no_env_args_trains_but_refuses_rollouts(tmp_path, caplog):
     dm.setup("fit")
     assert dm.env_args is None and len(dm.train_set) == 3  # demo_0 (demo_1 validates)
     callback = RolloutEvaluation(num_episodes=2)
-    trainer = SimpleNamespace(fast_dev_run=False, datamodule=dm, logger=None)
+    trainer = SimpleNamespace(fast_dev_run=False, datamodule=dm, logger=None, is_global_zero=True,
+                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))  # one process
     with caplog.at_level(logging.WARNING, logger="fibo"):
         callback.on_fit_start(trainer, SimpleNamespace(model=None))
     assert callback.env is None
@@ -245,3 +246,15 @@ def test_bad_camera_sizes_are_refused_at_construction(tmp_path):
         with pytest.raises(ValueError) as info:
             RobomimicDataModule(str(tmp_path / "tiny.hdf5"), img_size=img_size)
         assert str(info.value) == message
+
+
+def test_a_constant_dimension_is_named_when_its_std_is_floored(tmp_path, caplog):
+    """write_tiny's eef_pos z is always 0: its std (0) is floored at std_min, with one warning naming
+    the key and the dimension (it was floored silently); the varying dimensions are not named."""
+    path = write_tiny(tmp_path / "tiny.hdf5")
+    with caplog.at_level("WARNING", logger="fibo"):
+        stats = compute_stats(path, ["demo_0", "demo_1"], list(LOW_DIM), std_min=0.01)
+    assert stats["obs"]["robot0_eef_pos"]["std"][2] == 0.01
+    floored = [r.getMessage() for r in caplog.records if "floored" in r.getMessage()]
+    assert floored == ["obs/robot0_eef_pos: std below 0.01 in dimension(s) [2] of 3 (0) over the training demos: "
+                       "floored at 0.01 (data.std_min)"]

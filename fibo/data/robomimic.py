@@ -167,14 +167,22 @@ def split_demos(info: Mapping[str, Any], train_filter: str | None, valid_filter:
 
 def compute_stats(path: str | os.PathLike, demos: Sequence[str], low_dim_keys: Sequence[str],
                   std_min: float = 1e-2) -> dict[str, Any]:
-    """Mean and std (floored at ``std_min``) of actions and of each low-dim observation over ``demos``."""
+    """Mean and std (floored at ``std_min``) of actions and of each low-dim observation over ``demos``.
+    Each floored dimension is named in one warning (a constant dimension, e.g. a gripper that never
+    moves, is then centred but not scaled)."""
     import h5py
 
     with h5py.File(path, "r") as f:
         def stats(name: str) -> dict[str, list[float]]:
             x = np.concatenate([np.asarray(f[f"data/{d}/{name}"][:], dtype=np.float64).reshape(f[f"data/{d}/{name}"].shape[0], -1)
                                 for d in demos])
-            return {"mean": x.mean(0).tolist(), "std": np.maximum(x.std(0), std_min).tolist()}
+            std = x.std(0)
+            floored = np.flatnonzero(std < std_min)
+            if floored.size:
+                log.warning("%s: std below %g in dimension(s) %s of %d (%s) over the training demos: floored at %g "
+                            "(data.std_min)", name, std_min, floored.tolist(), std.size,
+                            ", ".join(f"{v:.3g}" for v in std[floored]), std_min)
+            return {"mean": x.mean(0).tolist(), "std": np.maximum(std, std_min).tolist()}
 
         return {"actions": stats("actions"), "obs": {k: stats(f"obs/{k}") for k in low_dim_keys}}
 
