@@ -228,9 +228,11 @@ def test_list_file_paths_with_spaces_relative_to_root(small_set, tmp_path):
 
 def test_malformed_list_lines(tmp_path):
     bad = tmp_path / "bad.txt"
-    bad.write_text("a.mp4 0\nb.mp4 walking\n")
-    with pytest.raises(ValueError, match=rf"^{bad}:2: malformed line 'b.mp4 walking': expected '<path> <integer label>'"):
+    bad.write_text("a.mp4 0\nb.mp4 walking\n# note\nc.mp4\nd.mp4 -1\n")
+    with pytest.raises(ValueError) as err:  # every bad line at once, each with its number (was: only the first)
         parse_list_file(bad)
+    assert str(err.value) == (f"{bad}: 3 malformed line(s) (line 2: 'b.mp4 walking'; line 4: 'c.mp4'; line 5: 'd.mp4 -1'): "
+                              "expected '<path> <integer label>' with a label >= 0")
     with pytest.raises(FileNotFoundError, match=f"video list {tmp_path / 'nope.txt'} not found"):
         parse_list_file(tmp_path / "nope.txt")
 

@@ -107,25 +107,30 @@ def parse_list_file(list_file: str | Path, root: str | Path | None = None) -> li
 
     Raises:
         FileNotFoundError: the list file is missing.
-        ValueError: a malformed line, naming the file, line number and the expected format.
+        ValueError: malformed lines, naming the file, every bad line's number and text, and the
+            expected format.
     """
     list_file = Path(list_file)
     if not list_file.is_file():
         raise FileNotFoundError(f"video list {list_file} not found (expected lines '<path> <integer label>')")
     base = Path(root) if root else list_file.parent
-    samples = []
+    samples, bad = [], []
     for line_no, raw in enumerate(list_file.read_text().splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
-            raise ValueError(
-                f"{list_file}:{line_no}: malformed line {raw!r}: expected '<path> <integer label>' "
-                f"with a label >= 0"
-            )
+            bad.append(f"{line_no}: {raw!r}")
+            continue
         path = Path(parts[0])
         samples.append((path if path.is_absolute() else base / path, int(parts[1])))
+    if bad:  # every malformed line at once, each with its number (the first 10 named)
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ValueError(
+            f"{list_file}: {len(bad)} malformed line(s) (line {'; line '.join(bad[:10])}{more}): expected "
+            f"'<path> <integer label>' with a label >= 0"
+        )
     if not samples:
         raise ValueError(f"video list {list_file} has no entries")
     return samples
