@@ -284,12 +284,13 @@ def test_bad_videos_are_skipped_and_counted(bad_videos):
     assert reasons["short.mp4"].startswith("has 5 frames but a clip needs 15")
     assert "set data.pad_short_videos=true to repeat its last frame" in reasons["short.mp4"]
     assert reasons["missing.mp4"].startswith("file not found")
-    assert dm.report().metrics["data/skipped_videos"] == 18  # 6 bad files x 3 splits
+    assert len(dm.skipped_videos) == 18  # found in each of the 3 splits ...
+    assert dm.report().metrics["data/skipped_videos"] == 6  # ... and counted once per file (was 18)
     assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 8, 32, 32)
     report = dm.report()  # the one method fibo.tracking logs (fibo.data.report.DataReport)
-    assert report.metrics["data/skipped_videos"] == 18 and report.metrics["data/train_videos"] == 8
+    assert report.metrics["data/skipped_videos"] == 6 and report.metrics["data/train_videos"] == 8
     rows = report.texts["data/skipped_videos.tsv"].splitlines()
-    assert len(rows) == 18 and {row.split("\t")[0] for row in rows} == bad
+    assert len(rows) == 6 and {row.split("\t")[0] for row in rows} == bad
 
 
 @pytest.mark.parametrize("name,message", [
@@ -316,7 +317,8 @@ def test_short_videos_padded_with_their_last_frame(tmp_path, cache_frames):
     dm = video_dm(train_list=str(lst), val_list=str(lst), pad_short_videos=True, cache_frames=cache_frames,
                   test_clips=1, mean=(0, 0, 0), std=(1, 1, 1))
     dm.setup()
-    assert dm.skipped_videos == [] and dm.report().metrics["data/padded_videos"] == 3  # train, val, test
+    assert dm.skipped_videos == [] and dm.padded_videos == [str(tmp_path / "short.mp4")] * 3  # train, val, test
+    assert dm.report().metrics["data/padded_videos"] == 1  # one video (was counted once per split)
     clip = dm.datasets["test"][0][0]  # (C, T, H, W), deterministic centre view
     levels = (clip[0].mean(dim=(1, 2)) * 255).round()
     expected = torch.tensor([0, 80, 160, 160, 160, 160, 160, 160], dtype=levels.dtype)

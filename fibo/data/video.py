@@ -343,14 +343,16 @@ class VideoDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
     def report(self) -> DataReport:
-        """Counts (videos per split, videos left out as unusable at setup or when a clip failed to
-        decode in a loader, padded videos) and the list of left-out videos as
+        """Counts (videos per split; distinct videos left out as unusable at setup or when a clip
+        failed to decode in a loader; distinct padded videos: a file in several splits counts once) and the list of left-out videos as
         ``data/skipped_videos.tsv`` (path, reason)."""
         metrics: dict[str, float] = {f"data/{k}_videos": len(v.samples) for k, v in self.datasets.items()}
         if "train" in self.datasets:
             metrics["data/train_samples"] = len(self.datasets["train"].samples)
-        skipped = list(self.skipped_videos) + list(self.decode_failures.items())
+        skipped: dict[str, str] = {}  # per video, not per split: a file listed for val and test counts once
+        for path, reason in [*self.skipped_videos, *self.decode_failures.items()]:
+            skipped.setdefault(str(path), reason)
         metrics["data/skipped_videos"] = len(skipped)
-        metrics["data/padded_videos"] = len(self.padded_videos)
-        texts = {"data/skipped_videos.tsv": "".join(f"{p}\t{r}\n" for p, r in skipped)} if skipped else {}
+        metrics["data/padded_videos"] = len(set(self.padded_videos))
+        texts = {"data/skipped_videos.tsv": "".join(f"{p}\t{r}\n" for p, r in skipped.items())} if skipped else {}
         return DataReport(metrics=metrics, texts=texts)
