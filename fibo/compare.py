@@ -355,7 +355,7 @@ class Curve:
     """One variant (runs equal except the seed and the x param) and its runs at each x value."""
 
     group: Group
-    points: dict[str, Group]  # the param's value as logged -> the runs (seeds) with that value
+    points: dict[str, Group]  # the x value (see x_of) -> the runs (seeds) with that value
 
 
 def _is_number(text: str) -> bool:
@@ -391,20 +391,37 @@ def resolve_param(runs, name: str) -> str:
                        + (", ".join(varying) or "none"))
 
 
+#: Training-budget params that a sweep may pair with its x values (experiment=data_efficiency gives
+#: every training-set size the same optimizer steps through its own epochs, validation interval
+#: and warmup). Only these can go with the x axis; any other param that differs makes another line.
+BUDGET_PARAMS = ("trainer/max_epochs", "trainer/max_steps", "trainer/check_val_every_n_epoch",
+                 "trainer/val_check_interval", "task/warmup_epochs", "warmup_epochs")
+
+
 def params_set_by(runs, param: str) -> list[str]:
-    """Params that the ``param`` value decides: single-valued among the runs at each value of ``param``
-    and not constant overall (a sweep that pairs each training-set size with its own epochs, as
-    experiment=data_efficiency does). On a curve they belong to the x axis, not to the variant."""
+    """The :data:`BUDGET_PARAMS` that the ``param`` value decides: single-valued among the runs at
+    each value of ``param`` and not constant overall. On a curve they belong to the x axis, not to
+    the variant."""
     out = []
     for key in varying_params(runs):
-        if key == param:
+        if key == param or key not in BUDGET_PARAMS:
             continue
         at = {}
         for r in runs:
-            at.setdefault(r.data.params.get(param), set()).add(r.data.params.get(key))
+            at.setdefault(x_of(r, param), set()).add(r.data.params.get(key))
         if all(len(v) == 1 for v in at.values()):
             out.append(key)
     return out
+
+
+def x_of(run, param: str) -> str:
+    """The run's x value: the metric of the same name where the run logs one (``data/train_samples``
+    is logged as given, e.g. ``0.2``, and as the number it resolved to, e.g. 260: counts and fractions
+    then share one axis), else the param as logged."""
+    value = run.data.metrics.get(param)
+    if value is not None and math.isfinite(value):
+        return str(int(value)) if float(value).is_integer() else repr(value)
+    return run.data.params[param]
 
 
 def x_values(curves: list[Curve]) -> list[str]:
@@ -421,7 +438,7 @@ def make_curves(groups: list[Group], param: str) -> list[Curve]:
     for g in groups:
         points: dict[str, Group] = {}
         for run in g.runs:
-            points.setdefault(run.data.params[param], Group(labels=g.labels, key=g.key, differs=g.differs)).runs.append(run)
+            points.setdefault(x_of(run, param), Group(labels=g.labels, key=g.key, differs=g.differs)).runs.append(run)
         out.append(Curve(g, points))
     return out
 
@@ -586,8 +603,11 @@ def compare(experiments: list[str] | None = None, filter_string: str = "", metri
     param = None
     if x:
         param = resolve_param(runs, x)
-        without = sorted(r.info.run_name or r.info.run_id for r in runs if _missing(r.data.params.get(param)))
-        runs = [r for r in runs if not _missing(r.data.params.get(param))]
+        def has_x(r) -> bool:  # a null param (data.train_samples=null: all) counts where its metric says how many
+            return not _missing(r.data.params.get(param)) or param in r.data.metrics
+
+        without = sorted(r.info.run_name or r.info.run_id for r in runs if not has_x(r))
+        runs = [r for r in runs if has_x(r)]
         if not runs:
             raise CompareError(f"no run has a value for {param} (all are null); choose another --x")
         if without:

@@ -293,6 +293,28 @@ def test_params_the_x_value_decides_belong_to_the_x_axis(tmp_path):
     assert result.warnings == ["set with data/train_samples (part of the x axis, not of the variants): trainer/max_epochs"]
 
 
+def test_x_is_the_resolved_count_and_other_configs_make_their_own_line(tmp_path):
+    """data.train_samples=0.2 and =null are logged as given and resolved in the metric of the same
+    name (260, 1300): they share the axis with counts. A run of another task at the same x makes its
+    own line (only training-budget params go with the x axis)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("fibo", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    for given, resolved in (("100", 100), ("0.2", 260), ("None", 1300)):
+        run_id = client.search_runs([exp], f"attributes.run_name = '{_log_run(client, exp, 'dense', 0, given, 0.5)}'")[0].info.run_id
+        client.log_metric(run_id, "data/train_samples", resolved)
+    video = _log_run(client, exp, "dense", 0, "100", 0.9)
+    video_id = client.search_runs([exp], f"attributes.run_name = '{video}'")[0].info.run_id
+    client.log_param(video_id, "task/_target_", "fibo.tasks.video.VideoClassifier")
+    client.log_metric(video_id, "data/train_samples", 100)
+    result = fc.compare(tracking_uri=uri, x="data.train_samples", out_dir=tmp_path, log=False, quiet=True)
+    assert [list(r)[-3:] for r in result.rows] == [["train_samples=100", "train_samples=260", "train_samples=1300"]] * 2
+    assert sorted(len(g.runs) for g in result.groups) == [1, 3]
+    assert result.warnings == []
+
+
 def test_curves_linear_axis_and_the_mlflow_key_form(curve_store, tmp_path):
     uri, _, _ = curve_store
     result = fc.compare(tracking_uri=uri, x="data/train_samples", filter_string="params.`data/train_samples` != '1300'",
