@@ -131,9 +131,32 @@ def _report(cfg: DictConfig, run, choices: dict, metrics: dict, result, name: st
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
-    except UsageError as err:  # raised before any run starts: the message is the whole story
-        print(f"fibo-run: error: {err}", file=sys.stderr, flush=True)
+    except Exception as err:  # noqa: BLE001 - sorted by input_error; the rest is re-raised as is
+        message = input_error(err)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"fibo-run: error: {message}\n  (the MLflow run, if one started, is FAILED with this error; "
+              f"HYDRA_FULL_ERROR=1 shows the traceback)" if not isinstance(err, UsageError) else
+              f"fibo-run: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+#: Errors that name a bad input and its fix in their message (fibo raises them with one line): the
+#: command line, a config value, a checkpoint, a dataset, the MLflow store, a diverged loss.
+INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FloatingPointError)
+
+
+def input_error(err: BaseException) -> str | None:
+    """The one-line message of a bad-input error (also when Hydra's ``instantiate`` wraps it), else
+    None (a bug: its traceback is shown)."""
+    from hydra.errors import InstantiationException
+
+    from fibo.store import TrackingError
+
+    cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ is not None else err
+    if isinstance(cause, (*INPUT_ERRORS, TrackingError)) and str(cause).strip():
+        return str(cause).strip().splitlines()[0] if isinstance(cause, UsageError) else " ".join(str(cause).split())
+    return None
 
 
 def main() -> None:

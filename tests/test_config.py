@@ -257,4 +257,7 @@ def test_unknown_choice_lists_available_options(tmp_path, run_fibo):
 def test_bad_value_is_reported_before_training(tmp_path, run_fibo):
     result = run_fibo("data.img_size=17", "debug=fast_dev_run", root=tmp_path, timeout=300)
     assert result.returncode == 1
-    assert "image size 17 is not divisible by patch size 2" in result.stderr
+    # one line naming it, no traceback (Hydra's instantiate error unwrapped by fibo.cli.input_error)
+    assert "Traceback" not in result.stderr and "Error in call to target" not in result.stderr
+    assert ("\nfibo-run: error: image size 17 is not divisible by patch size 2: choose an image size that is a "
+            "multiple of 2") in result.stderr

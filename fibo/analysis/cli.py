@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> None:
     out_dir = os.path.join(HydraConfig.get().runtime.output_dir, "analysis")
     try:
         summary = analyze(cfg, out_dir)
-    except (ValueError, FileNotFoundError, TrackingError) as err:
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, TrackingError) as err:
         print(f"fibo-analyze: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     m = summary.metrics
