@@ -11,6 +11,24 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "fibottention_offsets.json"
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored():
+    """Each test starts with the process's MLflow tracking URI as the session had it: Lightning's
+    MLFlowLogger(tracking_uri=...) calls mlflow.set_tracking_uri, which also sets
+    $MLFLOW_TRACKING_URI for the whole process, so one test's store became every later in-process
+    run's default store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # None: unset (the env var too)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def golden_cases():
     """Reference offsets/windows/permutations/densities (copied from shared/golden, computed by the
