@@ -305,6 +305,14 @@ def read_csv(path: str | Path) -> tuple[list[dict], list[dict]]:
     return rows, e2e
 
 
+def _commit() -> str:
+    """The checkout's git commit (short), with ``+dirty`` for uncommitted changes; ``unknown`` outside git."""
+    from fibo.tracking import git_commit
+
+    commit, dirty = git_commit(Path(__file__).resolve().parents[1])
+    return f"{commit[:7]}{'+dirty' if dirty else ''}" if commit else "unknown"
+
+
 def markdown(rows, e2e_rows, args, env: dict) -> str:
     lines = [
         "# Sparse attention benchmark (Fibottention)",
@@ -312,6 +320,9 @@ def markdown(rows, e2e_rows, args, env: dict) -> str:
         f"Command: `{env['command']}`  ",
         f"Machine: {env['machine']}; torch {torch.__version__}, {env['threads']} threads; device {env['device']}; "
         f"fp32, H={args.heads}, d={args.head_dim}, pattern `{args.pattern}` (layer 0), one CLS token.  ",
+        f"Commit: {env.get('commit', 'unknown')}. Seeds: q, k, v and dout are drawn from a torch.Generator "
+        "seeded with N, the training rows' models from torch.manual_seed(0) and their batch from a Generator "
+        "seeded with 0 (the same inputs every run); spread = IQR over the repeats of column reps.  ",
         f"Date: {env['date']}. Ratios are to dense SDPA (no mask) measured in the same run, backends "
         "interleaved round-robin; times are medians (IQR = inter-quartile range) in ms; peak = memory "
         "added during one forward+backward (MiB); build = index table / mask / block mask.",
@@ -429,7 +440,7 @@ def main(argv=None) -> int:
     env = {"command": "fibo-bench " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
            "threads": torch.get_num_threads(), "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-           "date": time.strftime("%Y-%m-%d %H:%M")}
+           "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit()}
     stem = args.stem or ("sparse_attention_benchmark" + ("_quick" if args.quick else "") + ("_cuda" if device.type == "cuda" else ""))
     out = Path(args.out or ("logs/bench" if args.quick else "experiments"))
     out.mkdir(parents=True, exist_ok=True)
