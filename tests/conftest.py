@@ -89,3 +89,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def lifecycle_cfg(tmp_path, *overrides, debug="fast_dev_run"):
+    """The composed config of an in-process run (``debug=<debug>`` + ``overrides``, root ``tmp_path``),
+    as @hydra.main hands it to ``fibo.cli.train``: without the hydra node (HydraConfig stays set)."""
+    from omegaconf import open_dict
+    from test_config import compose_cfg
+
+    cfg = compose_cfg(tmp_path, [f"debug={debug}", *overrides])
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

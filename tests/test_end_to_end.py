@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import mlflow_runs
+from conftest import lifecycle_cfg as _lifecycle_cfg, mlflow_runs
 
 pytestmark = pytest.mark.slow
 
@@ -167,16 +167,6 @@ def test_sigterm_marks_run_killed_and_keeps_checkpoints(tmp_path):
 
 
 # ---------------------------------------------------------------- the lifecycle, in-process
-
-
-def _lifecycle_cfg(tmp_path, *overrides):
-    from omegaconf import open_dict
-    from test_config import compose_cfg
-
-    cfg = compose_cfg(tmp_path, ["debug=fast_dev_run", *overrides])
-    with open_dict(cfg):  # as @hydra.main hands it to train(): without the hydra node
-        del cfg["hydra"]
-    return cfg
 
 
 def test_failed_resume_attempt_leaves_a_finished_run_finished(tmp_path):

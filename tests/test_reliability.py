@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, mlflow_runs
+from conftest import ROOT, lifecycle_cfg as _lifecycle_cfg, mlflow_runs
 
 
 def _env(root: Path, **extra) -> dict:
@@ -168,16 +168,6 @@ def test_fibo_run_with_an_unreachable_server_stops_with_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- 4: incompatible resume
-
-
-def _lifecycle_cfg(tmp_path, *overrides, debug="fast_dev_run"):
-    from omegaconf import open_dict
-    from test_config import compose_cfg
-
-    cfg = compose_cfg(tmp_path, [f"debug={debug}", *overrides])
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def test_incompatible_resume_is_refused_before_the_run_is_touched(tmp_path):
