@@ -68,13 +68,6 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?")[0]  # sqlite:////abs/path or sqlite:///relative/path
-    return None if path in ("", ":memory:") else Path(path)
-
-
 @dataclass
 class Group:
     """Runs of one configuration that differ only in the seed."""
@@ -515,7 +508,9 @@ def plot_curves(curves: list[Curve], xs: list[str], param: str, metric: str, pat
 
 
 def _client(tracking_uri: str):
-    db = _sqlite_path(tracking_uri)
+    from fibo.store import sqlite_path
+
+    db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise CompareError(
             f"no MLflow store at {db}: run fibo-run first (in this directory, or with FIBO_ROOT), "

@@ -52,11 +52,10 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
             f"MLflow's own waits are set by MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT") from None
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///<path>`` URI (None for other URIs and in-memory stores)."""
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
-        return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    return None if path in ("", ":memory:") else Path(path)  # sqlite:////abs/path or sqlite:///relative/path
 
 
 def _tables(db: Path) -> set[str]:
@@ -77,7 +76,7 @@ def prepare_store(uri: str, lock_timeout_s: float = 600) -> None:
         TrackingError: the store cannot be repaired safely (the message names the table and the fix),
             or another process holds the lock for ``lock_timeout_s`` seconds.
     """
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         return
     from filelock import FileLock
