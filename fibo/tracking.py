@@ -55,10 +55,13 @@ def mlflow_logger(
     log_model: bool = True,
     run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    system_metrics_interval: float = 10.0,
 ) -> MLFlowLogger:
     """Lightning's :class:`MLFlowLogger` on the resolved store. ``run_id`` continues an existing run
     (resuming from a checkpoint). Artifacts of the default SQLite store go to
-    ``default_artifact_location``; a server or another URI decides its own artifact root."""
+    ``default_artifact_location``; a server or another URI decides its own artifact root.
+    ``system_metrics_interval`` (seconds; 0 = off) is read by :func:`run_lifecycle`, which samples
+    MLflow's system metrics (:class:`SystemMetrics`)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = resolve_tracking_uri(tracking_uri, default_store)
@@ -258,6 +261,34 @@ def log_data_report(logger: MLFlowLogger, datamodule) -> None:
         log.warning("could not log the data report: %s", err)
 
 
+class SystemMetrics:
+    """MLflow's own system-metrics sampler (``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes``, disk, network and, where pynvml finds a GPU,
+    ``system/gpu_*``) on one run: every ``interval`` seconds from :meth:`start`, and one last sample at
+    :meth:`stop`, so that a run shorter than the interval still has its row in the UI's system-metrics
+    tab. Source: ``mlflow.system_metrics.system_metrics_monitor.SystemMetricsMonitor`` (psutil,
+    nvidia-ml-py). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides ``interval`` as in MLflow."""
+
+    def __init__(self, run_id: str, tracking_uri: str, interval: float) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracking_uri,
+                                            resume_logging=True)
+
+    def start(self) -> None:
+        self.monitor.start()
+
+    def stop(self) -> None:
+        """Stops the sampler and logs one final sample (the run must still be active)."""
+        try:
+            self.monitor.finish()
+            self.monitor.collect_metrics()
+            self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+            self.monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 - system metrics never fail a run
+            log.warning("system metrics: the last sample was not logged (%s)", err)
+
+
 @dataclass
 class Run:
     """The run :func:`run_lifecycle` yields: its ``logger`` (Lightning's MLFlowLogger, to hand to the
@@ -269,6 +300,7 @@ class Run:
     rank_zero: bool = True
     datamodule: Any = None
     resumed_status: str | None = None
+    system_metrics: SystemMetrics | None = None
 
     @property
     def run_id(self) -> str:
@@ -340,6 +372,10 @@ def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
             client.update_run(run_id, status="RUNNING")
             if "error" in previous.data.tags:  # the stopped attempt's error no longer applies
                 client.delete_tag(run_id, "error")
+        interval = float(cfg.logger.get("system_metrics_interval", 0) or 0)
+        if interval > 0:
+            run.system_metrics = SystemMetrics(run.run_id, uri, interval)
+            run.system_metrics.start()
     try:
         if run.rank_zero:  # inside try: a config that fails to resolve here still ends the run FAILED
             log_config(logger, cfg, choices, Path(output_dir))
@@ -363,6 +399,8 @@ def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
 
 
 def _end(run: Run, status: str, error: BaseException | None = None) -> None:
+    if run.system_metrics is not None:
+        run.system_metrics.stop()
     log_data_report(run.logger, run.datamodule)
     if error is not None and run.resumed_status == "FINISHED":  # never un-finish a finished run
         run.logger.experiment.set_tag(run.run_id, "failed_attempt", f"{type(error).__name__}: {error}"[:5000])

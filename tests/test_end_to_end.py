@@ -233,3 +233,28 @@ def test_fit_result_is_looked_up_under_the_fit_name():
     assert fit_result(trainer, "rollout/success_rate") == 0.6
     assert fit_result(trainer, "val/acc1") == 0.5
     assert fit_result(trainer, "test/acc1") is None
+
+
+def test_runs_log_mlflow_system_metrics(tmp_path):
+    """Every run samples MLflow's system metrics (psutil) every ``logger.system_metrics_interval`` s,
+    plus one last sample at the end; 0 turns them off."""
+    import time
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from fibo.tracking import run_lifecycle
+
+    choices = dict(HydraConfig.get().runtime.choices)
+    with run_lifecycle(_lifecycle_cfg(tmp_path, "logger.system_metrics_interval=0.5"), choices, tmp_path / "o") as run:
+        time.sleep(1.8)
+    sampled = run.run_id
+    with run_lifecycle(_lifecycle_cfg(tmp_path, "logger.system_metrics_interval=0"), choices, tmp_path / "o") as run:
+        pass
+    client, _ = mlflow_runs(tmp_path, "fibo-debug")
+    metrics = client.get_run(sampled).data.metrics
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert key in metrics, sorted(metrics)
+    history = client.get_metric_history(sampled, "system/system_memory_usage_megabytes")
+    assert len(history) >= 3 and all(m.value > 0 for m in history), history  # 3 samples in 1.8 s + the last
+    assert sorted(m.step for m in history) == list(range(len(history)))
+    assert not [k for k in client.get_run(run.run_id).data.metrics if k.startswith("system/")]
