@@ -46,6 +46,10 @@ def resolve_tracking_uri(tracking_uri: str | None, default_store: str) -> str:
     return f"sqlite:///{Path(default_store).resolve()}"
 
 
+#: seconds between MLflow system-metrics samples when the logger config does not say (SystemMetrics).
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
 def mlflow_logger(
     experiment_name: str = "fibo",
     run_name: str | None = None,
@@ -55,7 +59,7 @@ def mlflow_logger(
     log_model: bool = True,
     run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
-    system_metrics_interval: float = 10.0,
+    system_metrics_interval: float = SYSTEM_METRICS_INTERVAL_S,
 ) -> MLFlowLogger:
     """Lightning's :class:`MLFlowLogger` on the resolved store. ``run_id`` continues an existing run
     (resuming from a checkpoint). Artifacts of the default SQLite store go to
@@ -278,6 +282,14 @@ class SystemMetrics:
     def start(self) -> None:
         self.monitor.start()
 
+    @staticmethod
+    def interval_of(logger_cfg: Mapping[str, Any]) -> float:
+        """``logger.system_metrics_interval`` in seconds (0 or null = off), defaulting as
+        :func:`mlflow_logger` does, which takes the key so that every instantiation of the logger
+        config accepts it."""
+        value = logger_cfg.get("system_metrics_interval", SYSTEM_METRICS_INTERVAL_S)
+        return float(value or 0)
+
     def stop(self) -> None:
         """Stops the sampler and logs one final sample (the run must still be active)."""
         try:
@@ -372,7 +384,7 @@ def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
             client.update_run(run_id, status="RUNNING")
             if "error" in previous.data.tags:  # the stopped attempt's error no longer applies
                 client.delete_tag(run_id, "error")
-        interval = float(cfg.logger.get("system_metrics_interval", 0) or 0)
+        interval = SystemMetrics.interval_of(cfg.logger)
         if interval > 0:
             run.system_metrics = SystemMetrics(run.run_id, uri, interval)
             run.system_metrics.start()
