@@ -132,17 +132,20 @@ GOLDEN.pop("_about")
 def _as_before(model: dict, attention: dict) -> tuple[dict, dict]:
     """Today's composed ``model`` / ``attention`` in the layout of the golden file: the temporal pattern
     back under ``attention.temporal`` (it is ``model.temporal_attention``: ``same`` meant the spatial
-    pattern's name), ``model.object_state`` and ``attention.shared_offsets: false`` (new, off = the
-    old pattern) left out."""
+    pattern's name), ``model.object_state``, ``attention.shared_offsets: false`` and
+    ``attention.shared_set: first`` (new, off = the old pattern) left out."""
     model, attention = dict(model), dict(attention)
     if attention.get("shared_offsets") is False:
         del attention["shared_offsets"]
+    if attention.get("shared_set") == "first":
+        del attention["shared_set"]
     temporal = model.pop("temporal_attention", "dense")
     temporal = attention["name"] if temporal == "same" else temporal
     model.pop("object_state", None)
     attention["temporal"] = temporal
     if isinstance(model.get("attention"), dict):
-        model["attention"] = {**{k: v for k, v in model["attention"].items() if (k, v) != ("shared_offsets", False)},
+        new = (("shared_offsets", False), ("shared_set", "first"))
+        model["attention"] = {**{k: v for k, v in model["attention"].items() if (k, v) not in new},
                               "temporal": temporal}
     return model, attention
 

@@ -140,6 +140,23 @@ def test_shared_offsets_ablation_all_heads_equal(golden_cases):
         AttentionSpec.parse({"name": "fibottention", "shared_offsets": "yes"})
 
 
+def test_shared_offsets_matched_uses_the_row_closest_to_the_mean_density():
+    """shared_set=matched: one Wythoff row for every head and layer, the one whose pair count is
+    closest to the per-head mean, so the ablation keeps Fibottention's density (digits: N=64, H=3)."""
+    # rows 1-3 at N=64 (windows 5, 13, 21): [1,2,3,5], [4,7,11], [6,10,16] -> pairs 490, 340, 320
+    per_head = Fibottention().layout(64, 3, 0)
+    assert sorted(per_head.head_offsets) == [[1, 2, 3, 5], [4, 7, 11], [6, 10, 16]]
+    matched = Fibottention(shared_offsets=True, shared_set="matched")
+    for depth in range(4):
+        assert matched.layout(64, 3, depth).head_offsets == [[4, 7, 11]] * 3   # |340 - 383.3| is the least
+    layer = Attention(48, num_heads=3, attention={"name": "fibottention", "shared_offsets": True,
+                                                  "shared_set": "matched"})
+    assert layer.density(64)["density_patch"] == pytest.approx(340 / 64**2)
+    assert Fibottention(shared_set="matched").mask(64, 3, 1).equal(Fibottention().mask(64, 3, 1))  # off: no effect
+    with pytest.raises(ValueError, match=r"^attention.shared_set='median' must be first or matched \(attention=fibottention\)$"):
+        Fibottention(shared_offsets=True, shared_set="median")
+
+
 def test_shared_offsets_default_is_off_and_leaves_golden_masks():
     assert Fibottention().options["shared_offsets"] is False
     assert torch.equal(Fibottention(shared_offsets=False).mask(196, 12, 3), Fibottention().mask(196, 12, 3))

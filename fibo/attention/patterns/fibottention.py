@@ -34,6 +34,12 @@ of a layer uses the offset set (and window) that head 0 of that layer has, so al
 are equal; with ``permute_heads_per_layer`` that set changes from layer to layer
 (``head_permutation(H, depth)[0]``), without it every layer uses head 1's set (Wythoff row 1, window
 ``w_min``). Off by default (the golden values are the per-head pattern).
+
+Head 0's set is the sparsest or the densest of the layer depending on the permutation, so the
+ablation also changes the density. ``shared_set="matched"`` removes that confound: every head of every
+layer uses the one Wythoff row whose patch-block pair count (:func:`toeplitz_pairs`) is closest to the
+mean over the ``H`` per-head sets (ties: the lower row), so density stays near Fibottention's and only
+the diversity differs (the permutation is then irrelevant: one set everywhere).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from __future__ import annotations
 import math
 import random
 
-from fibo.attention.patterns.base import OffsetPattern, check_sizes
+from fibo.attention.patterns.base import OffsetPattern, check_sizes, toeplitz_pairs
 
 PHI = (1.0 + math.sqrt(5.0)) / 2.0
 
@@ -142,19 +148,32 @@ class Fibottention(OffsetPattern):
     row ``head_permutation(H, depth)[j] + 1`` (``permute_heads_per_layer``, default) or row ``j + 1``.
 
     Options: ``modified`` (seed pair ``(2a - b, b - a)``), ``w_min``, ``w_max`` (``None`` = N // 3),
-    ``permute_heads_per_layer``, ``shared_offsets`` (the ablation: every head of a layer uses head 0's
-    set; see the module docstring). Sizes are checked by :func:`fibottention_windows`.
+    ``permute_heads_per_layer``, ``shared_offsets`` (the ablation: every head of a layer uses one
+    set), ``shared_set`` (which set: ``"first"`` = head 0's, ``"matched"`` = the density-matched row;
+    see the module docstring). Sizes are checked by :func:`fibottention_windows`.
+
+    Raises:
+        ValueError: ``shared_set`` other than ``"first"`` or ``"matched"``.
     """
 
     name = "fibottention"
     defaults = {"modified": False, "w_min": 5, "w_max": None, "permute_heads_per_layer": True,
-                "shared_offsets": False}
+                "shared_offsets": False, "shared_set": "first"}
+
+    def check(self) -> None:
+        if self.options["shared_set"] not in ("first", "matched"):
+            raise ValueError(f"attention.shared_set={self.options['shared_set']!r} must be first or matched "
+                             "(attention=fibottention)")
 
     def head_offsets(self, num_tokens: int, num_heads: int, depth: int = 0) -> list[list[int]]:
         o = self.options
         w_max = None if o["w_max"] is None else int(o["w_max"])
         offsets = fibottention_offsets(num_tokens, num_heads, w_min=int(o["w_min"]), w_max=w_max, modified=o["modified"])
         order = head_permutation(num_heads, depth) if o["permute_heads_per_layer"] else list(range(num_heads))
-        if o["shared_offsets"]:
+        if o["shared_offsets"] and o["shared_set"] == "matched":
+            pairs = [toeplitz_pairs(offs, num_tokens) for offs in offsets]
+            mean = sum(pairs) / len(pairs)
+            order = [min(range(num_heads), key=lambda r: (abs(pairs[r] - mean), r))] * num_heads
+        elif o["shared_offsets"]:
             order = [order[0]] * num_heads
         return [offsets[j] for j in order]
