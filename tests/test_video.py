@@ -325,6 +325,58 @@ def test_short_videos_padded_with_their_last_frame(tmp_path, cache_frames):
     assert torch.allclose(levels, expected, atol=3), levels
 
 
+def _write_numbered_video(path, num_frames, rate, step=6):
+    """A lossless H.264 video at ``rate`` fps whose frame ``t`` is the flat grey level ``step * t``."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "0", "preset": "veryfast"}
+        for t in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), step * t, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _frame_numbers(clip, step=6):
+    """The frame numbers a clip (C, T, H, W, normalised with mean 0, std 1) of a numbered video shows."""
+    return ((clip[0].mean(dim=(1, 2)) * 255) / step).round().int().tolist()
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+@pytest.mark.parametrize("cache_frames", [False, True])
+def test_clips_of_a_29_97_fps_video_take_every_nth_frame(tmp_path, suffix, cache_frames):
+    """40 frames at 30000/1001 fps, frame t encoded in its pixel values: every clip is 8 frames
+    exactly every 2nd frame (before: decoded clips dropped a frame, e.g. ... 12, 15); the 3 test
+    clips start at frames 0, 12 and 25 (evenly over the 40 - 15 = 25 frames of slack), the last
+    ending at the last frame; mkv (only a container duration in ms, no frame count: before, refused
+    as 'no decodable frames') gives the same frames."""
+    from fractions import Fraction
+
+    _write_numbered_video(tmp_path / f"v{suffix}", 40, Fraction(30000, 1001))
+    info = probe_video(tmp_path / f"v{suffix}")
+    assert (info.rate, info.num_frames) == (Fraction(30000, 1001), 40)
+    (tmp_path / "list.txt").write_text(f"v{suffix} 0\n")
+    dm = video_dm(train_list=str(tmp_path / "list.txt"), val_list=str(tmp_path / "list.txt"), num_classes=1,
+                  test_clips=3, mean=(0, 0, 0), std=(1, 1, 1), cache_frames=cache_frames)
+    dm.setup()
+    if cache_frames:
+        assert _frame_numbers(dm.datasets["train"].frames[0].float() / 255) == list(range(40))
+    test = dm.datasets["test"]
+    assert [_frame_numbers(test[i][0]) for i in range(3)] == [list(range(first, first + 15, 2)) for first in (0, 12, 25)]
+    torch.manual_seed(0)
+    starts = set()
+    for _ in range(6):
+        frames = _frame_numbers(dm.datasets["train"][0][0])
+        assert frames == list(range(frames[0], frames[0] + 15, 2)) and 0 <= frames[0] <= 25, frames
+        starts.add(frames[0])
+    assert len(starts) > 1  # random clip positions
+
+
 @pytest.mark.parametrize("num_workers, batch_size", [(0, 2), (2, 3)])
 def test_unreadable_test_video_is_left_out_not_scored_as_another(small_set, tmp_path, num_workers, batch_size):
     """A test video that passed the probe but cannot be decoded when its clips are loaded (overwritten

@@ -6,7 +6,9 @@ comes from, used to combine the test views of one video). A view whose video fai
 left out of its batch and counted (:class:`ClipLoader`), never replaced by another video's clip.
 
 Sampling follows SlowFast/TimeSformer: a clip is ``num_frames`` frames taken every
-``sampling_rate`` frames. Training: one random clip per video, random resized crop, optional
+``sampling_rate`` frames, chosen as frame numbers (:meth:`VideoClipDataset.frame_indices`) and
+decoded by exact timestamps (:func:`fibo.data.video_io.decode_frames`), so that no frame rate
+(29.97 fps = 30000/1001) drops or repeats a frame. Training: one random clip per video, random resized crop, optional
 horizontal flip. Testing: ``test_clips`` clips uniformly spaced in time x ``test_crops`` spatial
 crops (left/centre/right or top/centre/bottom) of the short-side-resized frames.
 """
@@ -30,6 +32,7 @@ from fibo.data.video_io import (
     BadVideoError,
     VideoInfo,
     decode_all_frames,
+    decode_frames,
     parse_list_file,
     probe_video,
     scan_class_folders,
@@ -114,38 +117,35 @@ class VideoClipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples) * self.clips * self.crops
 
-    def _clip_start(self, info: VideoInfo, clip_idx: int) -> float:
-        span = self.num_frames * self.sampling_rate / info.fps  # seconds
-        slack = max(0.0, info.duration - span)
+    def frame_indices(self, info: VideoInfo, clip_idx: int) -> torch.Tensor:
+        """The frame numbers (int64 ``(T,)``, 0-based) of a clip: ``first + k x sampling_rate`` for
+        ``k < T``, clamped to the last frame (``pad_short_videos``). ``first`` is a random frame of
+        the slack (training) or ``test_clips`` frames evenly spaced over it (testing; the centre for
+        one clip). Whole frames, never seconds: no frame rate (29.97 fps) can drop or repeat one."""
+        slack = max(0, info.num_frames - ((self.num_frames - 1) * self.sampling_rate + 1))
         if self.train:
-            return float(torch.rand(()).item()) * slack
-        return slack / 2 if self.clips == 1 else slack * clip_idx / (self.clips - 1)
+            first = int(torch.randint(slack + 1, ()).item())
+        else:
+            first = slack // 2 if self.clips == 1 else round(slack * clip_idx / (self.clips - 1))
+        return (first + torch.arange(self.num_frames) * self.sampling_rate).clamp_(max=info.num_frames - 1)
 
     def _load(self, video_idx: int, clip_idx: int, crop_idx: int) -> torch.Tensor:
-        from pytorchvideo.data.encoded_video import EncodedVideo
         from pytorchvideo.transforms import functional as PVF
 
         path, _, info = self.samples[video_idx]
-        start = self._clip_start(info, clip_idx)
-        if self.frames is not None:  # frame units, as SlowFast: T frames every sampling_rate frames
-            cached = self.frames[video_idx]
-            first = min(int(round(start * info.fps)), cached.shape[1] - 1)
-            index = (first + torch.arange(self.num_frames) * self.sampling_rate).clamp_(max=cached.shape[1] - 1)
-            clip = cached[:, index].float() / 255.0
+        index = self.frame_indices(info, clip_idx)
+        if self.frames is not None:  # the decoded video (cache_frames)
+            frames, first = self.frames[video_idx], 0
         else:
-            end = start + self.num_frames * self.sampling_rate / info.fps
-            video = EncodedVideo.from_path(str(path), decode_audio=False, decoder="pyav")
-            try:
-                frames = video.get_clip(start, end)["video"]  # (C, T', H, W) float 0..255
-            finally:
-                video.close()
-            if frames is None or frames.shape[1] == 0:
-                raise BadVideoError(path, f"no frames decoded between {start:.2f}s and {end:.2f}s")
-            if self.pad_short_videos and frames.shape[1] < (self.num_frames - 1) * self.sampling_rate + 1:
-                index = (torch.arange(self.num_frames) * self.sampling_rate).clamp_(max=frames.shape[1] - 1)
-                clip = frames[:, index] / 255.0
-            else:
-                clip = PVF.uniform_temporal_subsample(frames, self.num_frames, temporal_dim=1) / 255.0
+            first = int(index[0])
+            frames = decode_frames(path, first, int(index[-1]), info.rate)  # (C, T', H, W) uint8
+        available = first + frames.shape[1]  # frames decoded up to here
+        if int(index[-1]) >= available:
+            if not self.pad_short_videos:
+                raise BadVideoError(path, f"decodes to {available} frames, not the {info.num_frames} its header "
+                                          f"says; a clip needs frame {int(index[-1])} (truncated?)")
+            index = index.clamp(max=available - 1)
+        clip = frames[:, index - first].float() / 255.0
         if self.train:
             clip = PVF.random_resized_crop(clip, self.crop_size, self.crop_size, scale=self.scale,
                                            aspect_ratio=(3 / 4, 4 / 3))
@@ -292,7 +292,7 @@ class VideoDataModule(L.LightningDataModule):
                     decoded = decode_all_frames(path)
                     if decoded.shape[1] < min_frames:
                         raise BadVideoError(path, f"decodes to {decoded.shape[1]} frames but a clip needs {min_frames} (truncated?)")
-                    info = VideoInfo(info.fps, decoded.shape[1], decoded.shape[1] / info.fps)
+                    info = VideoInfo.of(info.rate, decoded.shape[1])
                     frames.append(decoded)
                 if info.num_frames < clip_frames:
                     self.padded_videos.append(str(path))

@@ -5,6 +5,7 @@ Errors name the file and the fix. The DataModule applies the ``on_bad_video`` po
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,11 +25,18 @@ class BadVideoError(Exception):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the probe read: frames per second, frame count and duration in seconds."""
+    """What the probe read: frames per second (``fps`` as a float, ``rate`` exact: ``30000/1001``
+    for 29.97 fps), frame count and duration in seconds."""
 
     fps: float
     num_frames: int
     duration: float
+    rate: Fraction
+
+    @classmethod
+    def of(cls, rate: Fraction, num_frames: int) -> "VideoInfo":
+        """The info of ``num_frames`` frames at ``rate`` frames per second."""
+        return cls(fps=float(rate), num_frames=num_frames, duration=float(num_frames / rate), rate=rate)
 
 
 def probe_video(path: str | Path, min_frames: int = 1) -> VideoInfo:
@@ -52,11 +60,8 @@ def probe_video(path: str | Path, min_frames: int = 1) -> VideoInfo:
                 kinds = sorted({s.type for s in container.streams}) or ["none"]
                 raise BadVideoError(path, f"no video stream (streams: {', '.join(kinds)}); an audio-only file cannot be a clip")
             stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            fps = float(rate) if rate else 0.0
-            count = stream.frames
-            if not count and stream.duration and stream.time_base and fps:
-                count = int(round(float(stream.duration * stream.time_base) * fps))
+            rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
+            count = frame_count(stream, container.duration, rate)
             first = next(iter(container.decode(stream)), None)
     except BadVideoError:
         raise
@@ -64,14 +69,58 @@ def probe_video(path: str | Path, min_frames: int = 1) -> VideoInfo:
         raise BadVideoError(path, f"cannot be decoded ({type(err).__name__}: {err}); the file is corrupt or truncated") from err
     if first is None or not count:
         raise BadVideoError(path, "no decodable frames (empty or truncated video)")
-    if fps <= 0:
+    if rate <= 0:
         raise BadVideoError(path, "no frame rate in the container")
     if count < min_frames:
         raise BadVideoError(
             path, f"has {count} frames but a clip needs {min_frames} ((data.num_frames - 1) x data.sampling_rate + 1); "
             f"lower those, set data.pad_short_videos=true to repeat its last frame, or remove the video"
         )
-    return VideoInfo(fps=fps, num_frames=count, duration=count / fps)
+    return VideoInfo.of(rate, count)
+
+
+def frame_count(stream, container_duration: int | None, rate: Fraction) -> int:
+    """Frames of a PyAV video ``stream``: the header's count (mp4, avi), else its duration (in
+    ``stream.time_base`` units) or the container's (microseconds; mkv and webm have only this)
+    times ``rate``, in exact fractions, rounded to the nearest frame. 0 when none is known."""
+    if stream.frames:
+        return int(stream.frames)
+    if not rate:
+        return 0
+    if stream.duration and stream.time_base:
+        return round(stream.duration * stream.time_base * rate)
+    if container_duration:
+        return round(Fraction(container_duration, 1_000_000) * rate)  # av.time_base: 1/1_000_000 s
+    return 0
+
+
+def decode_frames(path: str | Path, first: int, last: int, rate: Fraction) -> torch.Tensor:
+    """Frames ``first..last`` (0-based, inclusive) of ``path`` as uint8 ``(C, T, H, W)``, ``T <=
+    last - first + 1`` (fewer only past the end of the video), decoded by pytorchvideo's PyAV backend.
+
+    Frame ``i`` is shown at ``i / rate`` seconds; the clip is asked for the half-open time range
+    ``[(first - 1/2) / rate, (last + 1/2) / rate)`` in exact fractions (as pytorchvideo's
+    ``get_clip`` advises), so that a frame rate such as 29.97 fps (``30000/1001``) and timestamps
+    rounded to the container's time base (milliseconds in mkv/webm) neither drop nor repeat a frame.
+
+    Raises:
+        BadVideoError: nothing in that range decodes (corrupt or truncated file).
+    """
+    from fibo.data._pytorchvideo import ensure_pytorchvideo_importable
+
+    ensure_pytorchvideo_importable()
+    from pytorchvideo.data.encoded_video import EncodedVideo
+
+    start, end = max(Fraction(0), (first - Fraction(1, 2)) / rate), (last + Fraction(1, 2)) / rate
+    video = EncodedVideo.from_path(str(path), decode_audio=False, decoder="pyav")
+    try:
+        frames = video.get_clip(start, end)["video"]  # (C, T, H, W) float 0..255
+    finally:
+        video.close()
+    if frames is None or frames.shape[1] == 0:
+        raise BadVideoError(path, f"no frames decoded from frame {first} to {last} ({float(start):.3f}s to "
+                                  f"{float(end):.3f}s); the file is corrupt or truncated")
+    return frames[:, : last - first + 1].clamp_(0, 255).to(torch.uint8)
 
 
 def decode_all_frames(path: str | Path) -> torch.Tensor:
@@ -87,8 +136,8 @@ def decode_all_frames(path: str | Path) -> torch.Tensor:
 
     try:
         video = EncodedVideo.from_path(str(path), decode_audio=False, decoder="pyav")
-        try:
-            frames = video.get_clip(0, float(video.duration))["video"]
+        try:  # to the end: without a duration in the header, pytorchvideo's is the last frame's start
+            frames = video.get_clip(0, math.inf)["video"]
         finally:
             video.close()
     except Exception as err:  # noqa: BLE001 - PyAV raises many error types
