@@ -58,6 +58,19 @@ def sqlite_path(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)  # sqlite:////abs/path or sqlite:///relative/path
 
 
+def absolute_sqlite_uri(uri: str, base: str | Path) -> str:
+    """``uri`` with a relative ``sqlite:///<path>`` made absolute against ``base`` (the launch
+    directory): ``sqlite:///rel.db`` -> ``sqlite:////<base>/rel.db``, a ``?query`` kept. Absolute
+    SQLite paths, in-memory stores and other URIs (``http://``, ``file:``) come back unchanged.
+    Without it a relative store follows the working directory, which ``hydra.job.chdir=true`` moves
+    into the run folder (a new store per run)."""
+    db = sqlite_path(uri)
+    if db is None or db.is_absolute():
+        return uri
+    query = uri.split("?", 1)[1] if "?" in uri else ""
+    return f"sqlite:///{Path(base).expanduser().resolve() / db}" + (f"?{query}" if query else "")
+
+
 def _tables(db: Path) -> set[str]:
     with sqlite3.connect(db) as con:
         return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -36,12 +36,15 @@ log = logging.getLogger("fibo")
 
 
 def resolve_tracking_uri(tracking_uri: str | None, default_store: str) -> str:
-    """``tracking_uri`` if given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<default_store>``."""
-    if tracking_uri:
-        return tracking_uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
+    """``tracking_uri`` if given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<default_store>``.
+    A relative ``sqlite:///rel.db`` is taken against the launch directory
+    (:func:`fibo.launch.launch_dir`), also when ``hydra.job.chdir=true`` moved the working directory."""
+    from fibo.launch import launch_dir
+    from fibo.store import absolute_sqlite_uri
+
+    given = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if given:
+        return absolute_sqlite_uri(given, launch_dir())
     Path(default_store).parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(default_store).resolve()}"
 
