@@ -2,12 +2,22 @@
 
 Same math on every backend, only the cost differs. ``attention.backend`` names one of
 :data:`BACKENDS` or ``auto``. ``auto`` is a loop over :data:`AUTO_ORDER`: the first backend of the
-call's ``mask_semantics`` that supports the call and is preferred for it wins:
+call's ``mask_semantics`` that is preferred for the call (cheap, asked first) and supports it wins:
 
-1. ``flex``: FlexAttention block mask, CUDA from ``AUTO_GPU_MIN_TOKENS`` (1024) patch tokens on;
-2. ``sparse``: the fused C++ kernel, CPU, fp32/fp64, no attention dropout, when it builds;
-3. ``sdpa``: dense boolean mask + SDPA (runs everything);
-4. ``zero_score``: the only backend of ``mask_semantics=zero_score`` (the authors' semantics).
+1. ``triton``: the Triton offset kernel, CUDA, offset patterns (Fibottention, Longformer, dilated,
+   strided), fp32/fp16/bf16, no attention dropout;
+2. ``flex``: FlexAttention block mask, CUDA, other sparse patterns from ``AUTO_GPU_MIN_TOKENS``
+   (1024) patch tokens on;
+3. ``sparse``: the fused C++ kernel, CPU, fp32/fp64, no attention dropout, when it builds;
+4. ``sdpa``: dense boolean mask + SDPA (runs everything; on CUDA the small-N mask patterns);
+5. ``zero_score``: the only backend of ``mask_semantics=zero_score`` (the authors' semantics).
+
+So on CUDA: a dense pattern -> SDPA without a mask (the flash kernel), an offset pattern -> triton,
+another sparse pattern -> flex for large N, masked SDPA for small N. On the CPU: sparse, else sdpa.
+**The CUDA rule is provisional**: it was written without a GPU (the Triton kernel was tested in
+Triton's CPU interpreter only). ``python scripts/gpu_check.py`` measures every backend per N and
+dtype on a GPU and prints the rule its measurements support; replace :data:`AUTO_ORDER` /
+``AUTO_*_MIN_TOKENS`` by that rule once it has run.
 
 ``reference`` (explicit math, :func:`~fibo.attention.backends.sdpa.math_neg_inf`) is never taken by
 ``auto``. A dense pattern has nothing to skip: it always runs through ``sdpa``, whatever is asked.
@@ -22,18 +32,19 @@ from fibo.attention.backends.base import AttentionCall, Backend
 from fibo.attention.backends.cpu_sparse import CpuSparse
 from fibo.attention.backends.flex import Flex
 from fibo.attention.backends.sdpa import Reference, Sdpa, ZeroScore, math_neg_inf, zero_score
+from fibo.attention.backends.triton_offsets import TritonOffsets
 
 __all__ = ["AttentionCall", "Backend", "BACKENDS", "AUTO_ORDER", "BACKEND_CHOICES", "choose_backend",
            "resolve_backend", "math_neg_inf", "zero_score"]
 
-SDPA, SPARSE, FLEX, REFERENCE, ZERO_SCORE = Sdpa(), CpuSparse(), Flex(), Reference(), ZeroScore()
+SDPA, SPARSE, FLEX, REFERENCE, ZERO_SCORE, TRITON = Sdpa(), CpuSparse(), Flex(), Reference(), ZeroScore(), TritonOffsets()
 
 #: name -> backend object (``zero_score`` is chosen by ``mask_semantics``, not by name).
-BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPA, SPARSE, FLEX, REFERENCE, ZERO_SCORE)}
-#: the order ``auto`` tries backends in.
-AUTO_ORDER: tuple[Backend, ...] = (FLEX, SPARSE, SDPA, ZERO_SCORE)
+BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPA, SPARSE, FLEX, TRITON, REFERENCE, ZERO_SCORE)}
+#: the order ``auto`` tries backends in (on CUDA provisional until scripts/gpu_check.py has run).
+AUTO_ORDER: tuple[Backend, ...] = (TRITON, FLEX, SPARSE, SDPA, ZERO_SCORE)
 #: the values of ``attention.backend``.
-BACKEND_CHOICES = ("auto", "sdpa", "sparse", "flex", "reference")
+BACKEND_CHOICES = ("auto", "sdpa", "sparse", "flex", "triton", "reference")
 
 
 def choose_backend(requested: str, call: AttentionCall, semantics: str = "neg_inf") -> Backend:
@@ -51,7 +62,7 @@ def choose_backend(requested: str, call: AttentionCall, semantics: str = "neg_in
         return SDPA  # no mask: every semantics is plain softmax attention
     if requested == "auto":
         for backend in AUTO_ORDER:
-            if backend.semantics == semantics and backend.supports(call) is None and backend.preferred(call):
+            if backend.semantics == semantics and backend.preferred(call) and backend.supports(call) is None:
                 return backend
         raise ValueError(f"no attention backend runs mask_semantics={semantics} for {call}")  # unreachable: sdpa/zero_score run all
     backend = BACKENDS[requested]

@@ -20,7 +20,8 @@ __all__ = ["AttentionCall", "Backend"]
 @dataclass(frozen=True)
 class AttentionCall:
     """What a backend must run. ``num_tokens``: N patch tokens; ``dense``: the pattern has no mask;
-    ``requires_grad``: a backward pass will follow (autograd on and the inputs require grad)."""
+    ``requires_grad``: a backward pass will follow (autograd on and the inputs require grad);
+    ``offset_pattern``: the pattern is an offset (Toeplitz) pattern (the triton backend's input)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -28,6 +29,7 @@ class AttentionCall:
     dropout_p: float = 0.0
     dense: bool = False
     requires_grad: bool = False
+    offset_pattern: bool = False
 
 
 class Backend:
