@@ -332,7 +332,8 @@ def run_lifecycle(cfg, choices: Mapping[str, Any], output_dir: str | Path) -> It
     (:func:`check_resume_matches`) and the checkpoint's weights with the model as configured
     (:func:`check_checkpoint_fits`). Then the run is RUNNING (a resumed run drops the stopped
     attempt's ``error`` tag), the config logged (:func:`log_config`). On leaving: the data report
-    (:func:`log_data_report`), then FINISHED; FAILED with the ``error`` tag for an exception; KILLED
+    (:func:`log_data_report`) and the data's splits as MLflow dataset inputs
+    (:func:`fibo.lineage.log_datasets`), then FINISHED; FAILED with the ``error`` tag for an exception; KILLED
     for Ctrl-C / SIGTERM (``SystemExit`` without a code becomes ``SystemExit(143)``) with a resume
     hint on stderr. A run that was FINISHED before this attempt stays FINISHED (the attempt's error:
     tag ``failed_attempt``). Under DDP/FSDP only global rank zero changes the run
@@ -417,6 +418,9 @@ def _end(run: Run, status: str, error: BaseException | None = None) -> None:
     if run.system_metrics is not None:
         run.system_metrics.stop()
     log_data_report(run.logger, run.datamodule)
+    from fibo.lineage import log_datasets
+
+    log_datasets(run.logger.experiment, run.run_id, run.datamodule)  # never raises
     if error is not None and run.resumed_status == "FINISHED":  # never un-finish a finished run
         run.logger.experiment.set_tag(run.run_id, "failed_attempt", f"{type(error).__name__}: {error}"[:5000])
         run.logger.experiment.set_terminated(run.run_id, "FINISHED")
