@@ -174,7 +174,7 @@ def test_auto_rule():
     assert backends.resolve_backend("flex", device=cpu, num_tokens=196, dtype=f32) == "flex"  # forward only
     assert backends.resolve_backend("sparse", device=cpu, num_tokens=196, dtype=f32, dense=True) == "sdpa"
     assert backends.resolve_backend("reference", device=cuda, num_tokens=196, dtype=f32) == "reference"
-    with pytest.raises(ValueError, match=r"attention.backend='fast' is not one of \['auto', 'sdpa', 'sparse', 'flex', 'reference'\]"):
+    with pytest.raises(ValueError, match=r"attention.backend='fast' is not one of \['auto', 'sdpa', 'sparse', 'flex', 'triton', 'reference'\]"):
         AttentionSpec.parse({"name": "fibottention", "backend": "fast"})
 
 
