@@ -90,12 +90,16 @@ def train(cfg: DictConfig) -> float | None:
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")
         result = fit_result(trainer, names["fit"])
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.test:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             tested = trainer.test(task, datamodule=built.datamodule, ckpt_path=best or None, weights_only=False)
             result = tested[0].get(names["test"]) if tested else None
             if tested and trainer.fast_dev_run:  # Lightning logs nothing under fast_dev_run: keep what is printed
                 run.logger.log_metrics({k: float(v) for k, v in tested[0].items()})
+        if run.rank_zero and cfg.logger.get("mlflow_model", True):
+            from fibo.logged_model import log_best_model
+
+            log_best_model(run.run_id, task, built.datamodule, best, step=trainer.global_step)  # never raises
     if run.rank_zero:
         _report(cfg, run, choices, built.metrics, result, names["test" if cfg.test else "fit"])
     return None if result is None else float(result)

@@ -30,6 +30,7 @@ from typing import Any
 from fibo.store import TrackingError, check_tracking_server, prepare_store  # noqa: F401 - re-exported
 
 RUN_ID_KEY = "fibo_mlflow_run_id"
+PARENT_RUN_ENV = "FIBO_MLFLOW_PARENT_RUN_ID"  # set by fibo.sweep.MlflowSweepParent for the jobs of a multirun
 RESUME_GROUPS = ("task", "data", "model", "attention")
 PARAM_LIMIT = 250  # characters of a param value that Lightning's MLFlowLogger.log_hyperparams keeps
 log = logging.getLogger("fibo")
@@ -63,21 +64,30 @@ def mlflow_logger(
     run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
     system_metrics_interval: float = SYSTEM_METRICS_INTERVAL_S,
+    mlflow_model: bool = True,
 ) -> MLFlowLogger:
     """Lightning's :class:`MLFlowLogger` on the resolved store. ``run_id`` continues an existing run
     (resuming from a checkpoint). Artifacts of the default SQLite store go to
     ``default_artifact_location``; a server or another URI decides its own artifact root.
     ``system_metrics_interval`` (seconds; 0 = off) is read by :func:`run_lifecycle`, which samples
-    MLflow's system metrics (:class:`SystemMetrics`)."""
+    MLflow's system metrics (:class:`SystemMetrics`). ``mlflow_model`` is read by ``fibo.cli.train``:
+    the best checkpoint's network logged as an MLflow model (:func:`fibo.logged_model.log_best_model`)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = resolve_tracking_uri(tracking_uri, default_store)
-    artifact_location = None
-    if uri.startswith("sqlite:") and default_artifact_location and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifact_location = Path(default_artifact_location).resolve().as_uri()
+    artifact_location = experiment_artifact_location(uri, tracking_uri, default_artifact_location)
     return MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
                         artifact_location=artifact_location, log_model=log_model, run_id=run_id,
                         tags=dict(tags or {}))
+
+
+def experiment_artifact_location(uri: str, tracking_uri: str | None, default_artifact_location: str | None) -> str | None:
+    """Where a new experiment of the default SQLite store keeps its artifacts (a ``file://`` URI of
+    ``default_artifact_location``); None (the server's or MLflow's own choice) for a configured or
+    ``$MLFLOW_TRACKING_URI`` store."""
+    if uri.startswith("sqlite:") and default_artifact_location and not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        return Path(default_artifact_location).resolve().as_uri()
+    return None
 
 
 def is_global_zero_process() -> bool:
@@ -383,6 +393,9 @@ def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
 
         previous = _check_resume(cfg, choices, ckpt, MlflowClient(tracking_uri=uri), run_id, instantiate)
         client = logger.experiment  # creates the run unless it resumes one
+        parent = os.environ.get(PARENT_RUN_ENV)  # a multirun's parent run (fibo.sweep.MlflowSweepParent)
+        if previous is None and parent and parent != run.run_id:
+            client.set_tag(run.run_id, "mlflow.parentRunId", parent)
         if previous is not None:
             run.resumed_status = previous.info.status
             client.update_run(run_id, status="RUNNING")
