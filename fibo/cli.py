@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fibo.launch import CONF_DIR, UsageError, job_argv_for_ddp_children, prepare_job  # also registers ${fibo.cwd:}, ${fibo.run_suffix:}
+from fibo.sweep import direction as _direction  # noqa: F401 - registers ${fibo.direction:} (conf/hydra/sweeper/optuna.yaml)
 
 log = logging.getLogger("fibo")
 
@@ -40,6 +41,7 @@ class Built:
     callbacks: list
     trainer: Any
     metrics: dict = field(default_factory=dict)  # model/params, attention/density: logged at the start
+    tags: dict = field(default_factory=dict)  # the model's run_tags() (e.g. model.pretrained_resized): set at the start
 
 
 def build(cfg: DictConfig, logger: Any = None) -> Built:
@@ -63,7 +65,8 @@ def build(cfg: DictConfig, logger: Any = None) -> Built:
     if logger is None:
         logger = instantiate(cfg.logger)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-    return Built(datamodule, model, task, callbacks, trainer, metrics)
+    tags = dict(model.run_tags()) if hasattr(model, "run_tags") else {}
+    return Built(datamodule, model, task, callbacks, trainer, metrics, tags)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -85,6 +88,8 @@ def train(cfg: DictConfig) -> float | None:
         built = build(cfg, logger=run.logger)
         run.datamodule = built.datamodule
         run.logger.log_metrics(built.metrics)
+        for key, value in built.tags.items():
+            run.logger.experiment.set_tag(run.run_id, key, value)
         trainer, task = built.trainer, built.task
         trainer.fit(task, datamodule=built.datamodule, ckpt_path=cfg.ckpt_path)
         if trainer.interrupted:

@@ -88,7 +88,7 @@ def test_load_lightning_image_checkpoint_and_interpolate_embeddings(tmp_path):
     # 8 -> 16 frames and 224 -> 160 px (14x14 -> 10x10 patches)
     video16 = create_model("timesformer_nano", img_size=160, patch_size=16, num_frames=16, num_classes=10)
     report = video16.load_image_weights(video8.state_dict())
-    assert sorted(report["resized"]) == ["pos_embed", "time_embed"]
+    assert sorted(report["resized"]) == ["pos_embed (14x14 -> 10x10 patches)", "time_embed (8 -> 16 frames)"]
     assert report["missing"] == [] and report["unexpected"] == [] and report["skipped"] == []
     assert video16.pos_embed.shape == (1, 101, 96) and video16.time_embed.shape == (1, 16, 96)
     te = video16.time_embed.detach()[0, :, 0]
@@ -98,6 +98,73 @@ def test_load_lightning_image_checkpoint_and_interpolate_embeddings(tmp_path):
     # a head of another size is reported, not silently dropped
     other = create_model("timesformer_nano", img_size=224, patch_size=16, num_frames=8, num_classes=3)
     assert [s.split()[0] for s in other.load_image_weights(video8.state_dict())["skipped"]] == ["head.weight", "head.bias"]
+
+
+def test_square_checkpoint_into_non_square_frames_resamples_pos_embed(caplog):
+    """A 16x16 px (4x4 patches) checkpoint into 16x24 px frames (4x6 patches): the position
+    embedding is resampled to the 4x6 grid (before: resampled to a 5x5 'square' guess, then skipped
+    as a shape mismatch, leaving pos_embed at init with only a warning); it matches timm's own
+    resampling, a patch-embedding-free check that the layout is (H, W) = (4, 6)."""
+    import logging
+
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    square = create_model("timesformer_nano", img_size=16, patch_size=4, num_frames=4, num_classes=3)
+    with torch.no_grad():
+        square.pos_embed.normal_()
+    wide = create_model("timesformer_nano", img_size=(16, 24), patch_size=4, num_frames=4, num_classes=3)
+    with caplog.at_level(logging.WARNING, logger="fibo.models.timesformer"):
+        report = wide.load_image_weights(square.state_dict())
+    assert report["resized"] == ["pos_embed (4x4 -> 4x6 patches)"] and report["skipped"] == []
+    expected = resample_abs_pos_embed(square.pos_embed.detach(), new_size=[4, 6], num_prefix_tokens=1)
+    torch.testing.assert_close(wide.pos_embed.detach(), expected)
+    assert "resized to this model: pos_embed (4x4 -> 4x6 patches)" in caplog.text
+    assert wide.run_tags() == {"model.pretrained_resized": "pos_embed (4x4 -> 4x6 patches)"}
+    assert wide(torch.randn(1, 3, 4, 16, 24)).shape == (1, 3)
+    st = create_model("timesformer_nano", img_size=(16, 24), patch_size=4, num_frames=4, num_classes=3, patch_frames=3)
+    assert st.load_image_weights(square.state_dict())["resized"][0] == "pos_embed (4x4 -> 4x6 patches)"
+    # a checkpoint whose own grid is not square (its layout unknown): refused in one line
+    with pytest.raises(ValueError) as err:
+        square.load_image_weights(wide.state_dict())
+    assert str(err.value) == ("model.pretrained: the checkpoint's pos_embed has 24 patch positions (+ CLS), not a square "
+                              "grid, so it cannot be resized to this model's 4x4 patches: use a checkpoint of this "
+                              "image size, or an image size giving 24 patches")
+
+
+def test_time_embedding_resize_is_logged_and_tagged(tmp_path, caplog):
+    """An 8-frame checkpoint into a 4-frame model: a warning and the model.pretrained_resized tag
+    (before: interpolated without a word); no resize, no tag."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    eight = create_model("timesformer_nano", img_size=16, patch_size=4, num_frames=8, num_classes=3)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in eight.state_dict().items()}}, tmp_path / "video8.ckpt")
+    with caplog.at_level(logging.WARNING, logger="fibo.models.timesformer"):
+        four = create_model("timesformer_nano", img_size=16, patch_size=4, num_frames=4, num_classes=3,
+                            pretrained=str(tmp_path / "video8.ckpt"))
+    assert four.pretrained_report["resized"] == ["time_embed (8 -> 4 frames)"]
+    assert "resized to this model: time_embed (8 -> 4 frames)" in caplog.text
+    assert four.run_tags() == {"model.pretrained_resized": "time_embed (8 -> 4 frames)"}
+    same = create_model("timesformer_nano", img_size=16, patch_size=4, num_frames=8, num_classes=3,
+                        pretrained=str(tmp_path / "video8.ckpt"))
+    assert same.run_tags() == {} and eight.run_tags() == {}
+    # fibo-run sets the tags on the MLflow run
+    from conftest import lifecycle_cfg, mlflow_runs
+    from fibo.cli import train
+
+    for i in range(2):
+        _write_numbered_video(tmp_path / f"v{i}.mp4", 8, 16)
+    (tmp_path / "list.txt").write_text("v0.mp4 0\nv1.mp4 1\n")
+    lst = str(tmp_path / "list.txt")
+    train(lifecycle_cfg(tmp_path, "task=video", "model=timesformer", "data=videolist", f"data.train_list={lst}",
+                        f"data.val_list={lst}", "data.num_classes=3", "data.img_size=16", "data.num_frames=4",
+                        "data.sampling_rate=2", "data.batch_size=2", "data.num_workers=0", "data.test_crops=1",
+                        "model.patch_size=4", f"model.pretrained={tmp_path / 'video8.ckpt'}"))
+    _, runs = mlflow_runs(tmp_path, "fibo-debug")
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["model.pretrained_resized"] == "time_embed (8 -> 4 frames); patch_embed.proj.weight (4D -> 5D)"
 
 
 def test_pretrained_errors_name_the_file(tmp_path):

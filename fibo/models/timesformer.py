@@ -75,11 +75,12 @@ class SpaceTimePatchEmbed(nn.Module):
     Input ``(B, C, T, H, W)``; output ``(B, T, P, D)``.
     """
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, frames: int) -> None:
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int,
+                 frames: int) -> None:
         super().__init__()
         if frames < 1 or frames % 2 == 0:
             raise ValueError(f"patch_frames={frames}: use an odd number of frames (1 = per-frame patches, 3, 5, ...)")
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.grid_size = check_patch_grid(img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(frames, patch_size, patch_size),
                               stride=(1, patch_size, patch_size), padding=(frames // 2, 0, 0))
@@ -127,7 +128,7 @@ class TimeSformer(nn.Module):
     """Video transformer over clips ``(B, C, T, H, W)`` -> logits ``(B, num_classes)`` (CLS pooling).
 
     Args:
-        img_size, patch_size: frame side and patch side in pixels (divisible).
+        img_size, patch_size: frame side (or ``(H, W)``) and patch side in pixels (divisible).
         num_frames: T, the frames per clip the time embedding is built for (other T are interpolated).
         attention: the ``attention`` config (the pattern of spatial attention); ``attention_type``:
             ``divided`` | ``joint`` | ``space_only``.
@@ -142,7 +143,7 @@ class TimeSformer(nn.Module):
             ``attention.temporal`` key (now ``temporal_attention``).
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, num_frames: int = 8, in_chans: int = 3,
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, num_frames: int = 8, in_chans: int = 3,
                  num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, attention: Mapping[str, Any] | AttentionSpec | None = None,
@@ -176,6 +177,7 @@ class TimeSformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
         self._init_weights()
+        self.pretrained_report: dict[str, list[str]] | None = None  # what load_image_weights did (run_tags)
         if pretrained:
             self.load_image_weights(_load_checkpoint(pretrained))
 
@@ -247,13 +249,20 @@ class TimeSformer(nn.Module):
         checkpoint. Position and time embeddings are interpolated to this model's grid and frame
         count; an image checkpoint (no time embedding) sets the time embedding to zero, so that with
         the zero-initialised temporal branch the model starts as the image model applied to every
-        frame. A 2D patch kernel goes into the central frame of a 3D one (``patch_frames > 1``;
+        frame. Resizing the time embedding (another frame count) or the position embedding (another
+        patch grid, also non-square: the checkpoint's grid is square) is logged as a warning and in
+        :meth:`run_tags`. A 2D patch kernel goes into the central frame of a 3D one (``patch_frames > 1``;
         a 3D kernel into a per-frame model is summed over time). A classifier head of another
         size is left as initialised. Every key that does not
         load is reported (logged and returned), never silently skipped.
 
         Returns:
-            ``{"missing": [...], "unexpected": [...], "resized": [...], "skipped": [...]}``.
+            ``{"missing": [...], "unexpected": [...], "resized": [...], "skipped": [...]}``, e.g.
+            ``resized == ["pos_embed (14x14 -> 10x10 patches)", "time_embed (8 -> 16 frames)"]``.
+
+        Raises:
+            ValueError: not a state dict, no ViT/TimeSformer key, or a ``pos_embed`` whose patch
+                positions are not a square grid and differ from this model's.
         """
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
         if not isinstance(state, Mapping):
@@ -266,16 +275,16 @@ class TimeSformer(nn.Module):
                              f"pass an image or video checkpoint written by fibo-run, or timm ViT weights")
         report: dict[str, list[str]] = {"resized": [], "skipped": []}
         if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-            side = int(round(self.num_patch_tokens ** 0.5))
-            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(side, side), num_prefix_tokens=1)
-            report["resized"].append("pos_embed")
+            grid = tuple(self.patch_embed.grid_size)
+            state["pos_embed"], old = _resample_pos_embed(state["pos_embed"], grid)
+            report["resized"].append(f"pos_embed ({old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches)")
         if "time_embed" not in state:  # an image model: start as that model applied to every frame
             state["time_embed"] = torch.zeros_like(own["time_embed"])
             report["resized"].append("time_embed (zeroed: image checkpoint)")
         elif state["time_embed"].shape != own["time_embed"].shape:
             te = state["time_embed"].transpose(1, 2)
             state["time_embed"] = nn.functional.interpolate(te, size=self.num_frames, mode="linear", align_corners=False).transpose(1, 2)
-            report["resized"].append("time_embed")
+            report["resized"].append(f"time_embed ({te.shape[-1]} -> {self.num_frames} frames)")
         kernel = state.get("patch_embed.proj.weight")
         if kernel is not None and kernel.ndim != own["patch_embed.proj.weight"].ndim:
             state["patch_embed.proj.weight"] = _convert_patch_kernel(kernel, own["patch_embed.proj.weight"])
@@ -290,7 +299,19 @@ class TimeSformer(nn.Module):
             if report[kind]:
                 log.warning("load_image_weights: %d %s key(s): %s", len(report[kind]), kind, ", ".join(report[kind][:12])
                             + (" ..." if len(report[kind]) > 12 else ""))
+        interpolated = [r for r in report["resized"] if not r.startswith("time_embed (zeroed")]
+        if interpolated:  # the model differs from the checkpoint's in frames or grid: say so, it changes results
+            log.warning("load_image_weights: resized to this model: %s", "; ".join(interpolated))
+        self.pretrained_report = report
         return report
+
+    def run_tags(self) -> dict[str, str]:
+        """MLflow tags of what :meth:`load_image_weights` changed or left out (``model.pretrained_resized``:
+        e.g. ``time_embed (8 -> 16 frames); pos_embed (14x14 -> 10x10 patches)``; ``model.pretrained_skipped``);
+        empty without ``model.pretrained``. ``fibo-run`` sets them on the run."""
+        report = getattr(self, "pretrained_report", None) or {}
+        tags = {f"model.pretrained_{kind}": "; ".join(report[kind]) for kind in ("resized", "skipped") if report.get(kind)}
+        return {k: v[:5000] for k, v in tags.items()}
 
 
 def _convert_patch_kernel(kernel: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -304,6 +325,25 @@ def _convert_patch_kernel(kernel: torch.Tensor, target: torch.Tensor) -> torch.T
     if kernel.ndim == 5 and target.ndim == 4:
         return kernel.sum(dim=2)
     return kernel
+
+
+def _resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A checkpoint's ``(1, 1 + h*w, D)`` position embedding (CLS first, square patch grid ``h = w``, the
+    only grid its shape tells) resampled to ``grid`` ``(H, W)`` (timm's ``resample_abs_pos_embed``,
+    bicubic; non-square grids too). Returns it and the checkpoint's grid.
+
+    Raises:
+        ValueError: the checkpoint's patch positions are not a square grid (its layout is unknown).
+    """
+    import math
+
+    positions = pos_embed.shape[1] - 1
+    side = math.isqrt(max(positions, 0))
+    if positions < 1 or side * side != positions:
+        raise ValueError(f"model.pretrained: the checkpoint's pos_embed has {positions} patch positions (+ CLS), not a "
+                         f"square grid, so it cannot be resized to this model's {grid[0]}x{grid[1]} patches: use a "
+                         f"checkpoint of this image size, or an image size giving {positions} patches")
+    return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=[side, side], num_prefix_tokens=1), (side, side)
 
 
 def _load_checkpoint(path: str) -> Any:
