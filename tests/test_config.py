@@ -129,12 +129,18 @@ GOLDEN = json.loads((Path(__file__).parent / "golden" / "config_presets.json").r
 GOLDEN.pop("_about")
 
 
+BC_HEAD_AS_BEFORE = {"name": "bc", "n_obs_steps": 1, "horizon": 1, "n_action_steps": 1, "ema": None}
+
+
 def _as_before(model: dict, attention: dict) -> tuple[dict, dict]:
     """Today's composed ``model`` / ``attention`` in the layout of the golden file: the temporal pattern
     back under ``attention.temporal`` (it is ``model.temporal_attention``: ``same`` meant the spatial
     pattern's name), ``model.object_state``, ``attention.shared_offsets: false`` and
-    ``attention.shared_set: first`` (new, off = the old pattern) left out."""
+    ``attention.shared_set: first`` (new, off = the old pattern) and ``model.head`` when it is the BC
+    head of before (``model/head=bc``: one observation, one action, executed at once, no EMA) left out."""
     model, attention = dict(model), dict(attention)
+    if model.get("head") == BC_HEAD_AS_BEFORE:
+        del model["head"]
     if attention.get("shared_offsets") is False:
         del attention["shared_offsets"]
     if attention.get("shared_set") == "first":

@@ -167,7 +167,7 @@ def split_demos(info: Mapping[str, Any], train_filter: str | None, valid_filter:
 
 def compute_stats(path: str | os.PathLike, demos: Sequence[str], low_dim_keys: Sequence[str],
                   std_min: float = 1e-2) -> dict[str, Any]:
-    """Mean and std (floored at ``std_min``) of actions and of each low-dim observation over ``demos``.
+    """Mean, std (floored at ``std_min``), min and max of actions and of each low-dim observation over ``demos``.
     Each floored dimension is named in one warning (a constant dimension, e.g. a gripper that never
     moves, is then centred but not scaled)."""
     import h5py
@@ -182,7 +182,8 @@ def compute_stats(path: str | os.PathLike, demos: Sequence[str], low_dim_keys: S
                 log.warning("%s: std below %g in dimension(s) %s of %d (%s) over the training demos: floored at %g "
                             "(data.std_min)", name, std_min, floored.tolist(), std.size,
                             ", ".join(f"{v:.3g}" for v in std[floored]), std_min)
-            return {"mean": x.mean(0).tolist(), "std": np.maximum(std, std_min).tolist()}
+            return {"mean": x.mean(0).tolist(), "std": np.maximum(std, std_min).tolist(),
+                    "min": x.min(0).tolist(), "max": x.max(0).tolist()}
 
         return {"actions": stats("actions"), "obs": {k: stats(f"obs/{k}") for k in low_dim_keys}}
 
@@ -251,6 +252,8 @@ class RobomimicDataModule(L.LightningDataModule):
             ``split_seed`` and nested (the 10-demo set is inside the 20-demo set); validation unchanged.
 
     Raises:
+        ValueError (at construction): ``num_demos`` more than the training demos ``generate`` will make
+            (checked before generating them).
         DatasetError / ValueError (at setup): see :func:`inspect_hdf5`, :func:`split_demos`;
             ``num_demos`` not between 1 and the number of training demos.
     """
@@ -280,6 +283,7 @@ class RobomimicDataModule(L.LightningDataModule):
         img_size = check_img_size(img_size, square_only="robot camera images are square (rendered img_size x img_size)")
         self.img_size, self.rollout_horizon, self.std_min = img_size, rollout_horizon, std_min
         self.object_dim, self.num_demos = object_dim, num_demos
+        self._check_num_demos_before_generating()
         self.info: dict[str, Any] | None = None
         self.train_demos: list[str] = []
         self.valid_demos: list[str] = []
@@ -287,6 +291,26 @@ class RobomimicDataModule(L.LightningDataModule):
         self.train_set = self.val_set = None
 
     # -- preparation ------------------------------------------------------------------------------
+    def _check_num_demos_before_generating(self) -> None:
+        """``data.num_demos`` against the training demos that ``generate`` will write, when the file is
+        still to be generated (minutes of simulation): refused now rather than after them.
+
+        Raises:
+            ValueError: the one line of :func:`fibo.data.subset.resolve_train_samples`, plus how many
+                training demos ``data.generate.num_demos`` makes.
+        """
+        if self.generate is None or self.num_demos is None or self.path.is_file():
+            return
+        from fibo.envs.demos import valid_count
+
+        generated = int(self.generate.get("num_demos", 100))
+        train = generated - valid_count(generated, float(self.generate.get("valid_fraction", 0.1)))
+        try:
+            resolve_train_samples(self.num_demos, train, key="data.num_demos", unit="demos", fractions=False)
+        except ValueError as err:
+            raise ValueError(f"{err} (checked before generating {self.path.name}: data.generate.num_demos={generated} "
+                             f"makes {train} training demos; raise it for more)") from None
+
     def prepare_data(self) -> None:
         if not self.path.is_file() and self.generate is not None:
             from fibo.envs.demos import write_demos

@@ -129,6 +129,12 @@ def check_demo_options(num_demos: int, noise: float, image_size: int, valid_frac
             raise ValueError(f"demos: {message}")
 
 
+def valid_count(num_demos: int, valid_fraction: float) -> int:
+    """How many of ``num_demos`` demos :func:`write_demos` puts in ``mask/valid`` (at least one when
+    ``valid_fraction`` > 0 and there are two demos or more); the rest are ``mask/train``."""
+    return max(1, int(round(valid_fraction * num_demos))) if num_demos > 1 and valid_fraction > 0 else 0
+
+
 def write_demos(out: str | os.PathLike, env: str = LIFT, num_demos: int = 100, noise: float = 0.1, seed: int = 0,
                 image_size: int = 84, valid_fraction: float = 0.1, max_attempts: int | None = None,
                 progress: bool = True) -> dict:
@@ -183,7 +189,7 @@ def write_demos(out: str | os.PathLike, env: str = LIFT, num_demos: int = 100, n
                                                        "seed": seed, "image_size": image_size})
             names = [f"demo_{i}" for i in range(kept)]
             order = np.random.default_rng(seed).permutation(kept)
-            n_valid = max(1, int(round(valid_fraction * kept))) if kept > 1 and valid_fraction > 0 else 0
+            n_valid = valid_count(kept, valid_fraction)
             valid = sorted(names[i] for i in order[:n_valid])
             train = [n for n in names if n not in set(valid)]
             f.create_dataset("mask/train", data=np.array(train, dtype="S"))

@@ -2,11 +2,16 @@
 
 Every ``every_n_epochs`` epochs and after the last one, the environment is recreated from the
 dataset's ``env_args`` and the policy runs ``num_episodes`` episodes from seeds ``seed, seed + 1,
-...`` (the same initial placements for every run and policy: paired comparisons). Logged to the
-run's logger: ``rollout/success_rate``, ``rollout/success_ci_low`` / ``_high`` (Wilson 95%),
-``rollout/mean_length``, ``rollout/episodes``, ``rollout/seconds``; to MLflow also an mp4 of the first
-``video_episodes`` episodes (``rollouts/epoch<E>.mp4``) and the per-seed outcomes
-(``rollouts/epoch<E>.json``) for paired comparisons.
+...`` (the same initial placements at every evaluation, for every run and policy: paired
+comparisons). Logged to the run's logger after each evaluation: ``rollout/success_rate``,
+``rollout/success_ci_low`` / ``_high`` (Wilson 95%), ``rollout/mean_length``, ``rollout/episodes``,
+``rollout/seconds``, and the protocol robot papers report over the evaluations so far:
+``rollout/success_rate_best`` (the maximum; ``rollout/best_epoch``), ``rollout/success_rate_last_k``
+(the mean over the last ``last_k`` evaluations, fewer if fewer were made) and ``rollout/evaluations``;
+after the last one ``rollout/success_rate_final`` too. To MLflow also an mp4 of the first
+``video_episodes`` episodes (``rollouts/epoch<E>.mp4``), the per-seed outcomes
+(``rollouts/epoch<E>.json``) and ``rollouts/summary.json`` (every evaluation's epoch and success
+rate, final, best, last-k mean).
 
 Rollouts run on global rank zero only (under DDP the other processes wait and receive the record);
 the simulator's seeding is its own (no global RNG is touched). A dataset without ``env_args`` trains
@@ -33,6 +38,7 @@ class RolloutEvaluation(L.Callback):
         num_episodes: episodes per evaluation (M).
         every_n_epochs: evaluate after every K-th epoch (0: only at the end).
         at_end: evaluate after the last epoch.
+        last_k: how many of the latest evaluations ``rollout/success_rate_last_k`` averages.
         seed: seed of the first episode (demos use other seeds: see :func:`fibo.envs.demos.write_demos`).
         horizon: steps per episode at most (null: the data config's ``rollout_horizon``).
         video_episodes: how many episodes go into the mp4 (0: none).
@@ -43,8 +49,11 @@ class RolloutEvaluation(L.Callback):
 
     def __init__(self, num_episodes: int = 50, every_n_epochs: int = 0, at_end: bool = True, seed: int = 100_000,
                  horizon: int | None = None, video_episodes: int = 3, video_camera: str | None = None,
-                 video_size: int = 128, num_threads: int | None = 1) -> None:
+                 video_size: int = 128, num_threads: int | None = 1, last_k: int = 3) -> None:
+        if last_k < 1:
+            raise ValueError(f"callbacks.rollout.last_k={last_k} must be >= 1 (evaluations averaged)")
         self.num_episodes, self.every_n_epochs, self.at_end = num_episodes, every_n_epochs, at_end
+        self.last_k = int(last_k)
         self.seed, self.horizon = seed, horizon
         self.video_episodes, self.video_camera, self.video_size = video_episodes, video_camera, video_size
         self.num_threads = num_threads
@@ -109,6 +118,8 @@ class RolloutEvaluation(L.Callback):
                 last = max(trainer.current_epoch - 1, 0)
                 if not self.results or self.results[-1]["epoch"] != last:
                     self.evaluate(trainer, pl_module, last)
+            if self.results and trainer.is_global_zero:
+                self._log_summary(trainer)
         self._close()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -136,7 +147,42 @@ class RolloutEvaluation(L.Callback):
         record = self._roll_out(trainer, pl_module, epoch) if trainer.is_global_zero else None
         record = trainer.strategy.broadcast(record, src=0)
         self.results.append(record)
+        if trainer.is_global_zero and trainer.logger is not None:
+            summary = self.summary()
+            keys = ("success_rate_best", "best_epoch", "success_rate_last_k", "evaluations")
+            trainer.logger.log_metrics({f"rollout/{k}": float(summary[k]) for k in keys}, step=trainer.global_step)
         return record
+
+    def summary(self) -> dict:
+        """The evaluations so far: ``final`` (the latest success rate), ``success_rate_best`` and its
+        ``best_epoch`` (the earliest of ties), ``success_rate_last_k`` (mean of the last ``last_k``),
+        ``evaluations``, ``last_k`` and ``history`` (``[{epoch, success_rate}]``); all on the same seeds."""
+        rates = [r["rollout/success_rate"] for r in self.results]
+        if not rates:
+            return {}
+        best = max(range(len(rates)), key=lambda i: (rates[i], -i))
+        recent = rates[-self.last_k:]
+        return {"success_rate_final": rates[-1], "success_rate_best": rates[best],
+                "best_epoch": self.results[best]["epoch"], "success_rate_last_k": sum(recent) / len(recent),
+                "evaluations": len(rates), "last_k": self.last_k, "seeds": self.results[-1]["seeds"],
+                "history": [{"epoch": r["epoch"], "success_rate": r["rollout/success_rate"]} for r in self.results]}
+
+    def _log_summary(self, trainer: L.Trainer) -> None:
+        """``rollout/success_rate_final`` and ``rollouts/summary.json`` after the last evaluation."""
+        summary = self.summary()
+        log.info("rollouts over %d evaluation(s): final %.3f, best %.3f (epoch %d), mean of the last %d %.3f",
+                 summary["evaluations"], summary["success_rate_final"], summary["success_rate_best"],
+                 summary["best_epoch"], min(self.last_k, summary["evaluations"]), summary["success_rate_last_k"])
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"rollout/success_rate_final": float(summary["success_rate_final"])},
+                                       step=trainer.global_step)
+        out = Path(trainer.default_root_dir) / "rollouts"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "summary.json"
+        path.write_text(json.dumps(summary, indent=1))
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "run_id") and hasattr(logger.experiment, "log_artifact"):
+            logger.experiment.log_artifact(logger.run_id, str(path), "rollouts")
 
     def _roll_out(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> dict:
         from fibo.envs.rollout import rollout_seeds, run_rollouts

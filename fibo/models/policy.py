@@ -1,7 +1,16 @@
-"""Policies for behaviour cloning on camera images + proprioception.
+"""Policies for imitation on camera images + proprioception: observation encoders -> a head.
 
-One :class:`BCPolicy` (observation encoders -> MLP -> an action chunk) with four kinds of image
-encoder, chosen by ``encoder``:
+Two heads (``conf/model/head/<name>.yaml``, chosen with ``model/head=bc|diffusion``):
+
+* ``bc`` (:class:`BCPolicy`, the default): an MLP regressing the action chunk (``seq_length``
+  actions; robomimic's BC, and action chunking when ``seq_length`` > 1).
+* ``diffusion`` (:class:`DiffusionPolicy`): Chi et al.'s diffusion policy, a 1-D conv U-Net denoising
+  the chunk conditioned on the features of the last ``frame_stack`` observations
+  (:mod:`fibo.models.diffusion`).
+
+Both execute ``n_action_steps`` actions of each predicted chunk (receding horizon,
+:class:`fibo.tasks.robot.PolicyAgent`). Four kinds of image encoder, chosen by ``encoder``, plug into
+either head unchanged:
 
 * ``transformer``: fibo's transformer blocks (:class:`fibo.models.vit.Block`, so Fibottention or dense
   attention from the ``attention`` config) over image tokens plus a CLS token; the tokens come from a
@@ -31,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fibo.attention import AttentionSpec
 
@@ -132,19 +142,27 @@ class SpatialSoftmaxEncoder(nn.Module):
         return self.proj(self.pool(self.stem(x)).flatten(1))
 
 
-class BCPolicy(nn.Module):
-    """Observation dict -> ``(B, seq_length, action_dim)``; see the module docstring."""
+class ObservationPolicy(nn.Module):
+    """What every policy shares: observation dict -> per-step features ``(B, F, D)`` (image encoders
+    on cropped images, then the low-dim observations), F = ``frame_stack``; subclasses add a head.
+
+    Attributes read by the task and the agent: ``rgb_keys``, ``low_dim_keys``, ``frame_stack``,
+    ``seq_length`` (actions per prediction), ``n_action_steps`` (actions executed per prediction),
+    ``action_normalization`` (``gaussian``: mean/std, ``limits``: the demos' range -> [-1, 1]).
+    """
+
+    action_normalization = "gaussian"
 
     def __init__(self, rgb_keys: Sequence[str], low_dim_keys: Mapping[str, int], action_dim: int,
                  image_encoders: Mapping[str, nn.Module] | None = None, frame_stack: int = 1, seq_length: int = 1,
-                 image_size: int = 84, crop_size: int | None = 76, hidden: Sequence[int] = (256, 256),
-                 dropout: float = 0.0) -> None:
+                 image_size: int = 84, crop_size: int | None = 76, n_action_steps: int = 1) -> None:
         super().__init__()
         self.rgb_keys = list(rgb_keys)
         self.low_dim_keys = dict(low_dim_keys)
         if not self.rgb_keys and not self.low_dim_keys:
             raise ValueError("the policy has no inputs: data.rgb_keys and data.low_dim_keys are both empty")
         self.action_dim, self.frame_stack, self.seq_length = int(action_dim), int(frame_stack), int(seq_length)
+        self.n_action_steps = check_action_steps(n_action_steps, self.seq_length)
         self.image_size, self.crop_size = int(image_size), int(crop_size or image_size)
         if self.crop_size > self.image_size:
             raise ValueError(f"model.crop_size={self.crop_size} is larger than the images ({self.image_size})")
@@ -152,13 +170,7 @@ class BCPolicy(nn.Module):
         missing = [k for k in self.rgb_keys if k not in self.encoders]
         if missing:
             raise ValueError(f"no image encoder for {missing}")
-        in_dim = self.frame_stack * (sum(enc.out_dim for enc in self.encoders.values()) + sum(self.low_dim_keys.values()))
-        layers: list[nn.Module] = []
-        for width in hidden:
-            layers += [nn.Linear(in_dim, width), nn.GELU()] + ([nn.Dropout(dropout)] if dropout else [])
-            in_dim = width
-        layers.append(nn.Linear(in_dim, self.seq_length * self.action_dim))
-        self.head = nn.Sequential(*layers)
+        self.feature_dim = sum(enc.out_dim for enc in self.encoders.values()) + sum(self.low_dim_keys.values())
 
     def crop(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` -> crops of ``crop_size``: random per image in training, centred otherwise."""
@@ -177,9 +189,9 @@ class BCPolicy(nn.Module):
         chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
         return images[batch, chans, rows, cols]
 
-    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def features(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``obs`` (images ``(B, F, 3, H, W)`` in [0, 1], low-dim ``(B, F, d)`` normalised) -> ``(B, F, D)``."""
         features = []
-        batch = None
         for key in self.rgb_keys:
             x = obs[key]
             batch, frames = x.shape[:2]
@@ -187,10 +199,8 @@ class BCPolicy(nn.Module):
             features.append(self.encoders[key]((x - 0.5) / 0.25).reshape(batch, frames, -1))
         for key in self.low_dim_keys:
             x = obs[key].float()
-            batch = x.shape[0]
-            features.append(x.reshape(batch, x.shape[1], -1))
-        out = self.head(torch.cat(features, dim=-1).flatten(1))
-        return out.reshape(batch, self.seq_length, self.action_dim)
+            features.append(x.reshape(x.shape[0], x.shape[1], -1))
+        return torch.cat(features, dim=-1)
 
     def attention_density(self) -> dict[str, float]:
         dens = [enc.attention_density() for enc in self.encoders.values() if hasattr(enc, "attention_density")]
@@ -199,24 +209,138 @@ class BCPolicy(nn.Module):
         return {k: sum(d[k] for d in dens) / len(dens) for k in dens[0]}
 
 
+class BCPolicy(ObservationPolicy):
+    """Behaviour cloning head: features of the F observations -> MLP -> ``(B, seq_length, action_dim)``
+    (an action chunk when ``seq_length`` > 1); see the module docstring."""
+
+    def __init__(self, rgb_keys: Sequence[str], low_dim_keys: Mapping[str, int], action_dim: int,
+                 image_encoders: Mapping[str, nn.Module] | None = None, frame_stack: int = 1, seq_length: int = 1,
+                 image_size: int = 84, crop_size: int | None = 76, hidden: Sequence[int] = (256, 256),
+                 dropout: float = 0.0, n_action_steps: int = 1) -> None:
+        super().__init__(rgb_keys, low_dim_keys, action_dim, image_encoders, frame_stack, seq_length, image_size,
+                         crop_size, n_action_steps)
+        in_dim = self.frame_stack * self.feature_dim
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.GELU()] + ([nn.Dropout(dropout)] if dropout else [])
+            in_dim = width
+        layers.append(nn.Linear(in_dim, self.seq_length * self.action_dim))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        features = self.features(obs)
+        return self.head(features.flatten(1)).reshape(features.shape[0], self.seq_length, self.action_dim)
+
+    def compute_loss(self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, loss_fn=F.mse_loss) -> torch.Tensor:
+        """``loss_fn(predicted chunk, actions)`` over the whole chunk ``(B, seq_length, A)``."""
+        return loss_fn(self(obs), actions)
+
+    def predict(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The (normalised) action chunk ``(B, seq_length, A)``."""
+        return self(obs)
+
+
+class DiffusionPolicy(ObservationPolicy):
+    """Diffusion-policy head (Chi et al. 2023; :class:`fibo.models.diffusion.DiffusionHead`): the
+    features of the F = ``n_obs_steps`` observations, flattened, condition a 1-D conv U-Net that
+    denoises an action chunk of ``seq_length`` = ``horizon`` steps (normalised to [-1, 1]:
+    ``action_normalization = "limits"``). ``forward``/``predict`` sample a chunk (DDIM);
+    ``compute_loss`` is the DDPM noise-prediction loss.
+
+    Args: those of :class:`ObservationPolicy`, plus ``diffusion``: keyword arguments of
+    :class:`~fibo.models.diffusion.DiffusionHead` (``down_dims``, ``num_train_timesteps``,
+    ``num_inference_steps``, ...).
+    """
+
+    action_normalization = "limits"
+
+    def __init__(self, rgb_keys: Sequence[str], low_dim_keys: Mapping[str, int], action_dim: int,
+                 image_encoders: Mapping[str, nn.Module] | None = None, frame_stack: int = 2, seq_length: int = 16,
+                 image_size: int = 84, crop_size: int | None = 76, n_action_steps: int = 8,
+                 diffusion: Mapping[str, Any] | None = None) -> None:
+        from fibo.models.diffusion import DiffusionHead
+
+        super().__init__(rgb_keys, low_dim_keys, action_dim, image_encoders, frame_stack, seq_length, image_size,
+                         crop_size, n_action_steps)
+        self.diffusion = DiffusionHead(self.action_dim, self.seq_length, self.frame_stack * self.feature_dim,
+                                       **dict(diffusion or {}))
+
+    def condition(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.features(obs).flatten(1)
+
+    def compute_loss(self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, loss_fn=F.mse_loss) -> torch.Tensor:
+        """Noise-prediction loss of the chunk ``actions`` ``(B, seq_length, A)``."""
+        return self.diffusion.loss(self.condition(obs), actions, loss_fn)
+
+    def predict(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """A sampled (normalised) action chunk ``(B, seq_length, A)``."""
+        return self.diffusion.sample(self.condition(obs), generator=generator)
+
+    forward = predict
+
+
+def check_action_steps(n_action_steps: int, seq_length: int) -> int:
+    """``n_action_steps`` if it is between 1 and ``seq_length`` (the actions one prediction makes).
+
+    Raises:
+        ValueError: one line naming both keys and the fix.
+    """
+    if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int) or n_action_steps < 1:
+        raise ValueError(f"model.head.n_action_steps={n_action_steps!r} must be a positive integer (actions executed "
+                         f"per prediction)")
+    if n_action_steps > seq_length:
+        raise ValueError(f"model.head.n_action_steps={n_action_steps} is larger than the horizon, {seq_length} actions per "
+                         f"prediction (data.seq_length, by default model.head.horizon): set "
+                         f"model.head.n_action_steps<={seq_length} or model.head.horizon>={n_action_steps}")
+    return n_action_steps
+
+
+HEADS = ("bc", "diffusion")
+
+
 def create_policy(encoder: str, rgb_keys: Sequence[str], low_dim_keys: Mapping[str, int], action_dim: int,
                   frame_stack: int = 1, seq_length: int = 1, image_size: int = 84, crop_size: int | None = 76,
                   hidden: Sequence[int] = (256, 256), dropout: float = 0.0, object_state: bool = False,
-                  name: str | None = None, **encoder_kwargs: Any) -> BCPolicy:
+                  name: str | None = None, head: Mapping[str, Any] | None = None,
+                  **encoder_kwargs: Any) -> ObservationPolicy:
     """Build a policy (Hydra target of ``conf/model/base/policy.yaml`` and ``conf/model/policy_*.yaml``).
 
     Args:
         encoder: ``transformer`` | ``cnn`` | ``none``.
         rgb_keys, low_dim_keys: the observation keys (``{key: dim}`` for low-dim), from the data config.
+        frame_stack: observations per prediction (``n_obs_steps`` of a diffusion policy).
+        seq_length: actions per prediction (the chunk; a diffusion policy's ``horizon``).
+        hidden, dropout: the BC head's MLP (unused by the diffusion head).
         object_state: the policy also gets ``object`` (the true object state, a key of
             ``low_dim_keys``); without it an ``object`` key is left out.
+        head: ``conf/model/head/<name>.yaml``: ``{"name": "bc" | "diffusion", "n_action_steps": int, ...}``;
+            the diffusion head's other keys go to :class:`~fibo.models.diffusion.DiffusionHead`;
+            ``n_obs_steps`` / ``horizon`` are the data windows' defaults (the policy takes ``frame_stack``
+            / ``seq_length``; a difference is warned about) and ``ema`` is the task's.
+            ``None``: BC executing one action per prediction.
         **encoder_kwargs: :class:`TransformerImageEncoder` (``stem``, ``patch_size``, ``embed_dim``,
             ``depth``, ``num_heads``, ``attention``, ...) or :class:`SpatialSoftmaxEncoder` options.
 
     Raises:
-        ValueError: unknown encoder; images given to ``encoder=none``; ``object_state`` without an
-            ``object`` key.
+        ValueError: unknown encoder or head; images given to ``encoder=none``; ``object_state`` without
+            an ``object`` key; ``head.n_action_steps`` outside [1, ``seq_length``]; a diffusion horizon the
+            U-Net cannot halve (one line each, naming the config key).
     """
+    if isinstance(head, str):  # `model.head=diffusion` on the command line replaces the head's config by a string
+        raise ValueError(f"model.head={head!r} replaced the head's config by a string: choose the head with "
+                         f"model/head={head} (a config group: a slash, not a dot)")
+    head = dict(head or {"name": "bc"})
+    head_name = head.pop("name", "bc")
+    if head_name not in HEADS:
+        raise ValueError(f"model.head.name={head_name!r} must be one of {list(HEADS)}: choose the head with "
+                         f"model/head=bc or model/head=diffusion")
+    head.pop("ema", None)  # the task's (task.ema reads it)
+    for key, value, data_key in (("n_obs_steps", frame_stack, "frame_stack"), ("horizon", seq_length, "seq_length")):
+        default = head.pop(key, None)
+        if default is not None and int(default) != int(value):
+            log.warning("data.%s=%s overrides model.head.%s=%s: the policy %s %s", data_key, value, key, default,
+                        "sees" if key == "n_obs_steps" else "predicts", f"{value} {'observations' if key == 'n_obs_steps' else 'actions'}")
+    n_action_steps = check_action_steps(head.pop("n_action_steps", 1), int(seq_length))
     low_dim_keys = dict(low_dim_keys)
     if object_state and "object" not in low_dim_keys:
         raise ValueError(f"model.object_state=true needs the object state, but data.low_dim_keys has no 'object' "
@@ -237,5 +361,11 @@ def create_policy(encoder: str, rgb_keys: Sequence[str], low_dim_keys: Mapping[s
         encoders = {}
     else:
         raise ValueError(f"model.encoder={encoder!r} must be one of 'transformer', 'cnn', 'none'")
-    return BCPolicy(rgb_keys, low_dim_keys, action_dim, encoders, frame_stack=frame_stack, seq_length=seq_length,
-                    image_size=image_size, crop_size=crop_size, hidden=hidden, dropout=dropout)
+    common = dict(image_encoders=encoders, frame_stack=frame_stack, seq_length=seq_length, image_size=image_size,
+                  crop_size=crop_size, n_action_steps=n_action_steps)
+    if head_name == "diffusion":
+        return DiffusionPolicy(rgb_keys, low_dim_keys, action_dim, diffusion=head, **common)
+    if head:
+        raise ValueError(f"model.head has keys {sorted(head)} that the bc head does not take (it takes name and "
+                         f"n_action_steps; its MLP is model.hidden / model.dropout)")
+    return BCPolicy(rgb_keys, low_dim_keys, action_dim, hidden=hidden, dropout=dropout, **common)
