@@ -3,7 +3,8 @@
 Triton decides at decoration time whether a kernel is compiled or interpreted, so the module fixture
 sets ``TRITON_INTERPRET=1`` only while it loads :mod:`fibo.attention.backends.triton_kernels`
 (restoring the variable after; the loaded kernels stay interpreted for the process). Small shapes
-only (the interpreter runs each block op in NumPy): B=1-2, H=2-3, N in {17, 33}, d=16.
+only (the interpreter runs each block op in NumPy): B=1-2, H=1-3, N from 17 to 33 (one at 384), d=16
+(and the ViTs' 32, 64).
 Also the ``auto`` rule on (simulated) CUDA calls and the one-line refusal on CPU without the
 interpreter. Skipped, with the reason, where Triton does not import.
 """
@@ -62,16 +63,24 @@ def check(layout, B, d=16, dtype=torch.float32, seed=0, **tol):
         torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-CASES = [  # (pattern, options, N, H, depth, B)
+CASES = [  # (pattern, options, N, H, depth, B): every offset pattern, odd and even N, B=1, H=1
     ("fibottention", {}, 17, 3, 1, 2),                   # per-layer head permutation (depth 1)
     ("fibottention", {"modified": True}, 33, 3, 0, 1),   # offset 0 and a duplicate offset in head 1
+    ("fibottention", {}, 24, 1, 2, 1),                   # H=1, B=1, even N
     ("longformer", {"window": 3}, 17, 2, 0, 1),
+    ("longformer", {"window": 2}, 20, 1, 0, 2),          # H=1, even N
     ("dilated", {"dilation": 3, "window": 12}, 33, 2, 0, 2),
+    ("sparse_transformer", {}, 25, 2, 0, 1),             # strided: |q - k| < 5 or a multiple of 5
+    ("sparse_transformer", {"stride": 4}, 18, 1, 0, 1),  # H=1, B=1, even N
 ]
 
 
+def _case_id(c):
+    return f"{c[0]}{'-mod' if c[1].get('modified') else ''}-N{c[2]}-H{c[3]}-B{c[5]}"
+
+
 @pytest.mark.parametrize("cls_token", [True, False], ids=["cls", "nocls"])
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}{'-mod' if c[1].get('modified') else ''}-N{c[2]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_parity_fp32(kernels, case, cls_token):
     name, options, N, H, depth, B = case
     check(PATTERNS[name](**options).layout(N, H, depth, cls_token), B)
@@ -96,11 +105,51 @@ def test_split_cls_row_and_small_blocks(kernels, monkeypatch):
     check(PATTERNS["fibottention"]().layout(33, 2, 2, True), 1, d=24)  # d not a power of two
 
 
+HALF_TOL = {torch.bfloat16: dict(atol=6e-2, rtol=2e-2), torch.float16: dict(atol=8e-3, rtol=4e-3)}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision(kernels, dtype):
+@pytest.mark.parametrize("pattern,options,cls_token", [("fibottention", {}, True), ("longformer", {"window": 2}, False),
+                                                       ("sparse_transformer", {"stride": 3}, True)],
+                         ids=["fibottention-cls", "longformer-nocls", "strided-cls"])
+def test_half_precision(kernels, dtype, pattern, options, cls_token):
     # fp32 accumulation: only the rounding of inputs, outputs and gradients to the half type remains
-    tol = dict(atol=6e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=8e-3, rtol=4e-3)
-    check(PATTERNS["fibottention"]().layout(17, 2, 0, True), 1, dtype=dtype, **tol)
+    check(PATTERNS[pattern](**options).layout(17, 2, 0, cls_token), 1, dtype=dtype, **HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_head_dims_of_vits(kernels, d):
+    # ViT-S/B use d=64, the small ViTs d=32: one 64-row block, d is the whole tile width
+    check(PATTERNS["fibottention"]().layout(21, 2, 1, True), 1, d=d)
+    check(PATTERNS["dilated"](dilation=2, window=6).layout(21, 2, 0, True), 1, d=d, dtype=torch.bfloat16,
+          **HALF_TOL[torch.bfloat16])
+
+
+def test_head_dim_above_limit_is_one_clear_line(kernels):
+    layout = PATTERNS["longformer"]().layout(9, 1, 0, True)
+    q = torch.zeros(1, 1, 10, triton_offsets.MAX_HEAD_DIM + 16)
+    with pytest.raises(ValueError, match=r"^the triton kernel takes head dims 1\.\.256, got d=272; use attention.backend=auto$"):
+        offset_attention(q, q, q, OffsetPlan.from_layout(layout))
+    call = AttentionCall(torch.device("cpu"), torch.float32, 196, offset_pattern=True, head_dim=512)
+    with pytest.raises(ValueError, match=r"^attention.backend=triton cannot run this call: the triton kernel takes head "
+                                         r"dims up to 256, got 512; use attention.backend=auto$"):
+        choose_backend("triton", call)
+
+
+def test_memory_is_linear_in_n(kernels):
+    # no N x N tensor and no gathered K/V copy: the largest tensor allocated in forward + backward is
+    # one (B, H, L, d) tensor (the output / dq / dk / dv), at N=384 where a bool N x N mask is 6x that
+    from torch.profiler import ProfilerActivity, profile
+
+    n, d = 384, 16
+    layout = PATTERNS["longformer"](window=1).layout(n, 1, 0, True)
+    plan = OffsetPlan.from_layout(layout)
+    assert sum(t.numel() * t.element_size() for t in (plan.offsets, plan.counts, plan.diag)) < 2 * n
+    q, k, v = qkv(1, 1, n + 1, d)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        offset_attention(q, k, v, plan).backward(torch.ones(1, 1, n + 1, d))
+    largest = max(e.cpu_memory_usage for e in prof.events() if not e.cpu_children)
+    assert largest == (n + 1) * d * 4 < n * n
 
 
 def test_layer_matches_sdpa_backend(kernels):
@@ -144,15 +193,39 @@ def test_auto_rule_on_cuda(monkeypatch):
     monkeypatch.setitem(triton_offsets._SELF_TEST, "cuda", None)
     cuda = torch.device("cuda")
 
-    def auto(n, offset=True, dense=False, dropout=0.0, dtype=torch.bfloat16):
-        return choose_backend("auto", AttentionCall(cuda, dtype, n, dropout, dense, True, offset)).name
+    def auto(n, offset=True, dense=False, dropout=0.0, dtype=torch.bfloat16, d=64):
+        return choose_backend("auto", AttentionCall(cuda, dtype, n, dropout, dense, True, offset, d)).name
 
     assert auto(196, dense=True) == "sdpa"  # no mask: the flash kernel
-    assert auto(196) == auto(12544) == auto(196, dtype=torch.float32) == "triton"
+    assert auto(196) == auto(12544) == auto(196, dtype=torch.float32) == auto(196, d=0) == "triton"
     assert auto(196, offset=False) == "sdpa" and auto(3136, offset=False) == "flex"  # bigbird, random
     assert auto(196, dropout=0.1) == "sdpa" and auto(3136, dropout=0.1) == "sdpa"  # neither kernel has dropout
-    assert auto(196, dtype=torch.float64) == "sdpa"
+    # where the kernel cannot run, the table's next choice: masked SDPA for small N, flex for large N
+    assert auto(196, dtype=torch.float64) == "sdpa" and auto(3136, dtype=torch.float64) == "flex"
+    assert auto(196, d=512) == "sdpa"
     # the CPU never takes it, even with the interpreter on
     cpu = AttentionCall(torch.device("cpu"), torch.float32, 196, offset_pattern=True)
-    assert not backends.TRITON.preferred(cpu)
-    assert backends.AUTO_ORDER[0] is backends.TRITON and "triton" in backends.BACKEND_CHOICES
+    assert not backends.TRITON.preferred(cpu) and not backends.FLEX.preferred(cpu)
+    assert backends.TRITON not in backends.auto_candidates(cpu) and "triton" in backends.BACKEND_CHOICES
+    assert backends.CUDA_AUTO_RULE_SOURCE.startswith("provisional")
+
+
+def test_cuda_rule_is_the_table(monkeypatch):
+    # the CUDA choice is read off CUDA_AUTO_RULE: the most specific key wins, the last step <= N
+    monkeypatch.setitem(triton_offsets._SELF_TEST, "cuda", None)
+    rule = {("offset", "*", "*"): ((1, ("sdpa",)),),
+            ("offset", "bfloat16", "*"): ((1, ("flex", "sdpa")), (785, ("triton", "flex"))),
+            ("offset", "bfloat16", 32): ((1, ("triton",)),)}
+    monkeypatch.setattr(backends, "CUDA_AUTO_RULE", rule)
+    cuda = torch.device("cuda")
+
+    def auto(n, dtype=torch.bfloat16, d=64, offset=True):
+        return choose_backend("auto", AttentionCall(cuda, dtype, n, 0.0, False, True, offset, d)).name
+
+    assert [auto(196), auto(784), auto(785), auto(12544)] == ["flex", "flex", "triton", "triton"]
+    assert auto(196, d=32) == "triton" and auto(196, dtype=torch.float32) == "sdpa"
+    assert auto(196, offset=False) == "sdpa"  # no "mask" key: sdpa, which runs everything
+    assert backends.cuda_ranking(AttentionCall(cuda, torch.bfloat16, 900, offset_pattern=True, head_dim=64)) == ("triton", "flex")
+    # the CPU rule does not read the table
+    cpu = AttentionCall(torch.device("cpu"), torch.bfloat16, 196, offset_pattern=True, head_dim=32)
+    assert choose_backend("auto", cpu).name == "sdpa"

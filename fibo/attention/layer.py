@@ -129,7 +129,7 @@ class Attention(nn.Module):
     def backend_for(self, num_patch_tokens: int, device: torch.device, dtype: torch.dtype, requires_grad: bool) -> Backend:
         """The backend a forward with these inputs uses (:func:`~fibo.attention.backends.choose_backend`)."""
         call = AttentionCall(device, dtype, num_patch_tokens, self.attn_drop if self.training else 0.0,
-                             self.spec.is_dense, requires_grad, isinstance(self.spec.pattern, OffsetPattern))
+                             self.spec.is_dense, requires_grad, isinstance(self.spec.pattern, OffsetPattern), self.head_dim)
         return choose_backend(self.spec.backend, call, self.spec.mask_semantics)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:

@@ -21,7 +21,8 @@ __all__ = ["AttentionCall", "Backend"]
 class AttentionCall:
     """What a backend must run. ``num_tokens``: N patch tokens; ``dense``: the pattern has no mask;
     ``requires_grad``: a backward pass will follow (autograd on and the inputs require grad);
-    ``offset_pattern``: the pattern is an offset (Toeplitz) pattern (the triton backend's input)."""
+    ``offset_pattern``: the pattern is an offset (Toeplitz) pattern (the triton backend's input);
+    ``head_dim``: d per head (0 = not given; the CUDA ``auto`` table and the triton kernel's limit read it)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -30,6 +31,7 @@ class AttentionCall:
     dense: bool = False
     requires_grad: bool = False
     offset_pattern: bool = False
+    head_dim: int = 0
 
 
 class Backend:

@@ -22,12 +22,6 @@ from fibo.attention.patterns.base import Layout
 
 __all__ = ["Flex", "block_mask", "flex_attention", "COMPILED"]
 
-#: ``auto`` on CUDA uses FlexAttention from this many patch tokens on (below, a 128-token block mask
-#: has almost no empty blocks and SDPA with the boolean mask is at least as fast). Provisional until
-#: ``scripts/gpu_check.py`` has been run on a GPU.
-AUTO_GPU_MIN_TOKENS = 1024
-
-
 def block_mask(layout: Layout, device: torch.device | str = "cpu", block_size: int = 128):
     """The :class:`~torch.nn.attention.flex_attention.BlockMask` of ``layout`` (``L = N + cls`` tokens),
     built on ``device``; ``.mask_mod`` is the exact per-entry pattern and ``.build_seconds`` the build
@@ -111,7 +105,9 @@ class Flex(Backend):
         return None
 
     def preferred(self, call: AttentionCall) -> bool:
-        return call.device.type == "cuda" and call.num_tokens >= AUTO_GPU_MIN_TOKENS
+        # off CUDA never by auto (no CPU backward; the CPU has the sparse kernel); on CUDA the
+        # table fibo.attention.backends.CUDA_AUTO_RULE decides
+        return call.device.type == "cuda"
 
     def prepare(self, layer, num_tokens, device):
         return layer.cached(("block_mask", num_tokens, device), lambda: block_mask(layer.layout(num_tokens), device))

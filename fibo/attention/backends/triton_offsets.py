@@ -44,9 +44,9 @@ CLS_BLOCK = 64
 CLS_CHUNK = 1024
 NUM_WARPS = 4
 LOG2E = 1.4426950408889634
-#: ``auto`` on CUDA takes the triton kernel for offset patterns from this many patch tokens on.
-#: Provisional (no GPU measurement yet): ``scripts/gpu_check.py`` prints the measured threshold.
-AUTO_TRITON_MIN_TOKENS = 1
+#: The largest head dim the kernels take (FlashAttention's limit; the (BLOCK_M, d) fp32 tiles of
+#: q, k, v and the accumulator live in registers, and larger ones spill).
+MAX_HEAD_DIM = 256
 
 log = logging.getLogger(__name__)
 #: device -> ``None`` (the kernels compiled and matched the math path there) or the failure, one line.
@@ -246,7 +246,8 @@ def offset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Of
         ``(B, H, L, d)`` in the input dtype (stored as ``(B, L, H, d)``). Differentiable (first order).
 
     Raises:
-        ValueError: shapes, dtypes or devices that do not fit (one line naming the fix).
+        ValueError: shapes, dtypes, devices or a head dim above :data:`MAX_HEAD_DIM` that do not fit
+            (one line naming the fix).
     """
     B, H, L, d = q.shape
     if (H, L) != (plan.num_heads, plan.seq_len):
@@ -256,6 +257,8 @@ def offset_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Of
                          f"{q.dtype}/{k.dtype}/{v.dtype}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the triton backend computes fp32/fp16/bf16, got {q.dtype}; use attention.backend=auto")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"the triton kernel takes head dims 1..{MAX_HEAD_DIM}, got d={d}; use attention.backend=auto")
     if q.device != plan.offsets.device:
         raise ValueError(f"the offset plan is on {plan.offsets.device}, q on {q.device}; build it with OffsetPlan.from_layout(layout, q.device)")
     scale = d ** -0.5 if scale is None else float(scale)
@@ -290,8 +293,9 @@ def self_test(device: torch.device) -> str | None:
 
 
 class TritonOffsets(Backend):
-    """The Triton offset kernel (``attention.backend=triton``): offset patterns, fp32/fp16/bf16, no
-    attention dropout, CUDA tensors (CPU tensors only under Triton's interpreter)."""
+    """The Triton offset kernel (``attention.backend=triton``): offset patterns, fp32/fp16/bf16, head
+    dims up to :data:`MAX_HEAD_DIM`, no attention dropout, CUDA tensors (CPU tensors only under
+    Triton's interpreter)."""
 
     name = "triton"
 
@@ -312,6 +316,8 @@ class TritonOffsets(Backend):
                     "use attention.backend=auto or sparse")
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"the triton kernel computes in fp32/fp16/bf16, got {call.dtype}; " + fix
+        if call.head_dim > MAX_HEAD_DIM:
+            return f"the triton kernel takes head dims up to {MAX_HEAD_DIM}, got {call.head_dim}; " + fix
         if call.dropout_p > 0.0:
             return f"the triton kernel has no attention dropout (attn_drop={call.dropout_p}); set attn_drop=0 or " + fix
         if call.device.type == "cuda":
@@ -321,7 +327,9 @@ class TritonOffsets(Backend):
         return None
 
     def preferred(self, call: AttentionCall) -> bool:
-        return call.device.type == "cuda" and call.num_tokens >= AUTO_TRITON_MIN_TOKENS
+        # off CUDA never by auto (the interpreter is for tests); on CUDA the table
+        # fibo.attention.backends.CUDA_AUTO_RULE decides
+        return call.device.type == "cuda"
 
     def prepare(self, layer, num_tokens, device):
         return layer.cached(("offset_plan", num_tokens, device),
