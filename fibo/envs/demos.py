@@ -52,9 +52,12 @@ def lift_env_args(image_size: int = 84, cameras=("agentview",)) -> dict:
 
 
 def metaworld_env_args(task: str, image_size: int = 84, cameras=("corner2",)) -> dict:
+    """``upright_cameras``: images of metaworld's cameras that are mounted upside down (``corner``,
+    ``corner2``...: their image-up axis points below the horizon) are turned by 180 degrees
+    (:class:`fibo.envs.sim.MetaworldEnv`); recorded so that rollouts see what the demos saw."""
     return {"env_name": f"metaworld/{task}", "type": 2,
             "env_kwargs": {"camera_names": list(cameras), "camera_heights": image_size, "camera_widths": image_size,
-                           "max_path_length": 500, "benchmark_seed": 0}}
+                           "max_path_length": 500, "benchmark_seed": 0, "upright_cameras": True}}
 
 
 def env_spec(env: str, image_size: int = 84) -> tuple[dict, list[str], int]:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 import fibo.envs  # noqa: F401  (MUJOCO_GL)
+
+log = logging.getLogger("fibo")
 
 ROBOSUITE_TYPE = 1  # robomimic.envs.env_base.EnvType
 GYM_TYPE = 2
@@ -204,6 +207,13 @@ class MetaworldEnv:
 
     Observations: ``robot0_eef_pos`` (hand position), ``robot0_gripper_qpos`` (gripper opening),
     ``object`` (the rest of metaworld's 39-d state: object poses and goal), ``<camera>_image``.
+
+    Camera images: metaworld's ``corner`` / ``corner2`` / ``corner4`` cameras are mounted upside down
+    (their image-up axis points below the horizon: the table at the top of the picture, the floor
+    above it). With ``env_kwargs["upright_cameras"]`` (what :func:`fibo.envs.demos.write_demos`
+    records since it was checked) such a camera's image is turned by 180 degrees (the camera rolled
+    upright: not mirrored); files written before keep their upside-down images in demos and rollouts
+    alike (one warning).
     """
 
     def __init__(self, env_name: str, env_kwargs: Mapping[str, Any], image_keys: Sequence[str] = (),
@@ -225,14 +235,32 @@ class MetaworldEnv:
         self.action_dim = int(self.env.action_space.shape[0])
         self._last_info: dict = {}
         self._raw = None
+        self.upright = bool(self.kwargs.get("upright_cameras", False))
+        if not self.upright and self.image_keys:
+            log.warning("%s: env_args without upright_cameras (demos written before fibo turned metaworld's "
+                        "upside-down cameras): images stay as the file has them (regenerate the demos for upright "
+                        "ones)", env_name)
+
+    def upside_down(self, camera: str) -> bool:
+        """Whether ``camera``'s image-up axis points below the horizon (in the current state)."""
+        import mujoco
+
+        cid = mujoco.mj_name2id(self.env.model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+        if cid < 0:
+            raise ValueError(f"camera {camera!r} is not in the {self.env_name} model")
+        return bool(self.env.data.cam_xmat[cid].reshape(3, 3)[2, 1] < 0)
 
     def render(self, camera: str, size: int | None = None) -> np.ndarray:
+        """``(size, size, 3)`` uint8 image of ``camera``, turned upright if ``upright_cameras``."""
         from fibo.envs.render import CameraRenderer
 
         size = size or self.image_size
         if size not in self._renderers:
             self._renderers[size] = CameraRenderer(self.env.model, size, size)
-        return self._renderers[size].render(self.env.data, camera)
+        image = self._renderers[size].render(self.env.data, camera)
+        if self.upright and self.upside_down(camera):
+            image = np.ascontiguousarray(image[::-1, ::-1])
+        return image
 
     def _obs(self, raw: np.ndarray) -> dict[str, np.ndarray]:
         raw = np.asarray(raw, dtype=np.float64)

@@ -168,16 +168,21 @@ class DiffusionHead(nn.Module):
                                              prediction_type=prediction_type, variance_type="fixed_small")
         self.sampler = DDIMScheduler.from_config(self.train_scheduler.config)
 
-    def loss(self, cond: torch.Tensor, actions: torch.Tensor,
-             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss) -> torch.Tensor:
-        """Noise-prediction loss of a batch: ``actions`` ``(B, T, A)`` noised at uniform random steps of
-        the DDPM schedule; ``loss_fn(prediction, target)`` with target the noise (``epsilon``) or the
-        clean chunk (``sample``)."""
+    def training_targets(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training batch of the DDPM schedule: ``actions`` ``(B, T, A)`` noised at uniform random steps
+        -> ``(noisy (B, T, A), steps (B,) long, target (B, T, A))``, the target being the noise
+        (``epsilon``) or the clean chunk (``sample``); torch's global RNG draws them."""
         noise = torch.randn_like(actions)
         steps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (actions.shape[0],),
                               device=actions.device)
         noisy = self.train_scheduler.add_noise(actions, noise, steps)
         target = noise if self.train_scheduler.config.prediction_type == "epsilon" else actions
+        return noisy, steps, target
+
+    def loss(self, cond: torch.Tensor, actions: torch.Tensor,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss) -> torch.Tensor:
+        """Noise-prediction loss of a batch (:meth:`training_targets`): ``loss_fn(U-Net output, target)``."""
+        noisy, steps, target = self.training_targets(actions)
         return loss_fn(self.unet(noisy, steps, cond), target)
 
     @torch.no_grad()

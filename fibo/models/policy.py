@@ -268,15 +268,24 @@ class DiffusionPolicy(ObservationPolicy):
     def condition(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.features(obs).flatten(1)
 
+    def forward(self, obs: Mapping[str, torch.Tensor], noisy_actions: torch.Tensor | None = None,
+                timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``noisy_actions`` ``(B, seq_length, A)`` and ``timesteps`` ``(B,)``: one denoiser call, the
+        predicted noise (or clean chunk) ``(B, seq_length, A)`` (what training runs, and what
+        ``LogCost`` counts: encoder + one U-Net pass). Without: :meth:`predict` (a sampled chunk)."""
+        if noisy_actions is None:
+            return self.predict(obs)
+        return self.diffusion.unet(noisy_actions, timesteps, self.condition(obs))
+
     def compute_loss(self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, loss_fn=F.mse_loss) -> torch.Tensor:
-        """Noise-prediction loss of the chunk ``actions`` ``(B, seq_length, A)``."""
-        return self.diffusion.loss(self.condition(obs), actions, loss_fn)
+        """Noise-prediction loss of the chunk ``actions`` ``(B, seq_length, A)`` (DDPM schedule, random steps)."""
+        noisy, steps, target = self.diffusion.training_targets(actions)
+        return loss_fn(self(obs, noisy, steps), target)
 
     def predict(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """A sampled (normalised) action chunk ``(B, seq_length, A)``."""
+        """A sampled (normalised) action chunk ``(B, seq_length, A)``: DDIM, ``num_inference_steps`` U-Net
+        passes on one encoding of the observations."""
         return self.diffusion.sample(self.condition(obs), generator=generator)
-
-    forward = predict
 
 
 def check_action_steps(n_action_steps: int, seq_length: int) -> int:
