@@ -151,18 +151,26 @@ def job_argv_for_ddp_children(hydra_cfg) -> Iterator[None]:
 
 
 def prepare_job(cfg: DictConfig, hydra_cfg) -> dict:
-    """Check the job's overrides and run options, make its command-line paths absolute (against
+    """Check the job's overrides, run options and config values (:func:`fibo.config_check.check_config`:
+    before the MLflow run is created, so a bad value leaves no FAILED run), make its command-line paths absolute (against
     Hydra's ``runtime.cwd``) and give it the default run name when ``run_name`` is null. Returns the
     Hydra choices (group -> option).
 
     Raises:
-        UsageError: a dot-override of a config group, a bad seed or experiment name (one line each).
+        UsageError: a dot-override of a config group, a bad seed or experiment name, a config value
+            out of range (one line each).
     """
     from hydra.types import RunMode
+
+    from fibo.config_check import check_config
 
     overrides = list(hydra_cfg.overrides.task)
     check_overrides(overrides)
     check_run_options(cfg)
+    try:
+        check_config(cfg)
+    except ValueError as err:  # before the MLflow run exists: a bad value leaves no FAILED run
+        raise UsageError(str(err)) from None
     absolute_cli_paths(cfg, overrides, hydra_cfg.runtime.cwd)
     choices = dict(hydra_cfg.runtime.choices)
     if cfg.run_name is None:

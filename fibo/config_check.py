@@ -1,0 +1,139 @@
+"""Checks of a composed config's values that ``fibo-run`` makes before the MLflow run is created, so
+that a bad value (``data.batch_size=0``, ``task.lr=-1``, ``data.img_size=-4``, ``model.patch_size=0``,
+``attention.backend=flex`` when training on the CPU, ...) stops with one line and leaves no FAILED run
+in the store. Each check calls the validator that the component itself runs when it is built
+(:func:`fibo.tasks.base.check_recipe`, :func:`fibo.data.transforms.check_img_size`,
+:func:`fibo.models.vit.check_patch_grid`, the backend's ``supports``), so the message is the same
+either way; what needs the data or the built model (``data.train_samples`` against the dataset's
+size, a checkpoint's shapes) is checked where those exist. :func:`fibo.launch.prepare_job` calls
+:func:`check_config`."""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+_MISSING = object()
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    """``cfg``'s value at ``key`` (resolved, containers as plain Python), or ``_MISSING`` when the key
+    is absent, ``???`` or does not resolve (that error is left to the code that uses it)."""
+    try:
+        value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True)
+    except Exception:  # noqa: BLE001 - omegaconf's resolution errors: not this module's to report
+        return _MISSING
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _number(key: str, value: Any) -> Real:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{key}={value!r} is not a number: e.g. {key}=1e-3")
+    return value
+
+
+def _integer(key: str, value: Any, least: int, example: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{key}={value!r} must be an integer >= {least} ({example})")
+
+
+def check_task(cfg: DictConfig) -> None:
+    """``task.lr`` > 0, ``task.weight_decay``/``warmup_epochs``/``min_lr`` >= 0, ``data.batch_size`` and
+    ``task.lr_base_batch`` >= 1 (:func:`fibo.tasks.base.check_recipe`), for the keys the task has;
+    a value that is not a number is named as such."""
+    from fibo.tasks.base import check_recipe
+
+    if "task" not in cfg or _get(cfg, "task.lr") is _MISSING:
+        return
+    benign = {"lr": 1.0, "weight_decay": 0.0, "warmup_epochs": 0.0, "min_lr": 0.0}
+    values = {}
+    for name, default in benign.items():
+        value = _get(cfg, f"task.{name}")
+        values[name] = default if value is _MISSING else _number(f"task.{name}", value)
+    for name in ("batch_size", "lr_base_batch"):
+        value = _get(cfg, f"task.{name}")
+        values[name] = None if value is _MISSING or value is None else value
+    check_recipe(**values)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """``data.batch_size`` an integer >= 1, ``data.num_workers`` >= 0 and ``data.img_size`` a positive
+    side or ``[height, width]`` (:func:`fibo.data.transforms.check_img_size`; a data module that
+    takes square frames only says so when it is built)."""
+    from fibo.data.transforms import check_img_size
+    from fibo.tasks.base import check_recipe
+
+    batch = _get(cfg, "data.batch_size")
+    if batch is not _MISSING:
+        if isinstance(batch, bool) or not isinstance(batch, int):
+            raise ValueError(f"data.batch_size={batch!r} is not an integer: samples per batch and process, "
+                             f"e.g. data.batch_size=32")
+        check_recipe(lr=1.0, weight_decay=0.0, warmup_epochs=0.0, min_lr=0.0, batch_size=batch, lr_base_batch=None)
+    workers = _get(cfg, "data.num_workers")
+    if workers is not _MISSING and workers is not None:
+        _integer("data.num_workers", workers, 0, "DataLoader worker processes; 0 loads in the main process")
+    img_size = _get(cfg, "data.img_size")
+    if img_size is not _MISSING and img_size is not None:
+        check_img_size(img_size)
+
+
+def check_model(cfg: DictConfig) -> None:
+    """A ViT / TimeSformer's ``model.patch_size`` divides ``model.img_size`` (= ``data.img_size``):
+    :func:`fibo.models.vit.check_patch_grid`."""
+    from fibo.models.vit import check_patch_grid
+
+    img_size, patch_size = _get(cfg, "model.img_size"), _get(cfg, "model.patch_size")
+    if img_size is not _MISSING and patch_size is not _MISSING and img_size is not None:
+        check_patch_grid(tuple(img_size) if isinstance(img_size, list) else img_size, patch_size)
+
+
+def training_device(cfg: DictConfig) -> str | None:
+    """``cpu`` or ``cuda``: where ``cfg.trainer`` trains (``accelerator`` ``cpu``; ``auto`` without
+    CUDA), None when it cannot be told from the config (another accelerator)."""
+    accelerator = str(_get(cfg, "trainer.accelerator")).lower()
+    if accelerator == "cpu":
+        return "cpu"
+    if accelerator in ("auto", "gpu", "cuda"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else ("cpu" if accelerator == "auto" else None)
+    return None
+
+
+def check_attention_backend(cfg: DictConfig) -> None:
+    """``attention.backend=flex`` where training runs on the CPU: FlexAttention has no CPU backward, so
+    the run would fail at its first training step (the Flex backend's own reason, with the fix)."""
+    from fibo.attention.backends import BACKENDS, AttentionCall
+
+    if (_get(cfg, "attention.backend") != "flex" or _get(cfg, "attention.name") == "dense"  # dense: always sdpa
+            or training_device(cfg) != "cpu"):
+        return
+    import torch
+
+    call = AttentionCall(device=torch.device("cpu"), dtype=torch.float32, num_tokens=1, requires_grad=True)
+    reason = BACKENDS["flex"].supports(call)
+    if reason:
+        accelerator = _get(cfg, "trainer.accelerator")
+        where = f"trainer.accelerator={accelerator}" + ("" if str(accelerator).lower() == "cpu" else ", no GPU here")
+        raise ValueError(f"attention.backend=flex cannot train on the CPU ({where}): {reason}")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """``trainer.max_epochs`` an integer >= -1 (-1: no limit) or null, as Lightning takes it."""
+    epochs = _get(cfg, "trainer.max_epochs")
+    if epochs is not _MISSING and epochs is not None:
+        _integer("trainer.max_epochs", epochs, -1, "epochs to train; -1 = no limit, e.g. trainer.max_epochs=40")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """All the checks above, in the order data, model, task, attention, trainer.
+
+    Raises:
+        ValueError: the first bad value, in one line naming its key and the fix.
+    """
+    for check in (check_data, check_model, check_task, check_attention_backend, check_trainer):
+        check(cfg)
