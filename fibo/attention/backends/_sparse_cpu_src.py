@@ -197,6 +197,36 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               " rows, expected H*L = ", q.size(1) * q.size(2));
 }
 
+// ---------------------------------------------------------------- prefetch
+
+// Rows of one (b, h) slice are H * d (or 3 H d) floats apart, so nearly every row starts a new
+// 4 KiB page and the hardware prefetchers (which stop at page boundaries) miss them: the next
+// block's rows are prefetched into L2 by hand.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t D) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < D * (int64_t)sizeof(T); off += 64) __builtin_prefetch(c + off, 0, 2);
+}
+
+// q (and extra) rows of queries [q0, q1) and the k, v rows of each row's largest key (the keys
+// first touched by this block; the smaller ones were keys of earlier blocks).
+template <typename T>
+inline void prefetch_block(int64_t q0, int64_t q1, int64_t h, int64_t L, int64_t D, const int64_t* rp, const int32_t* cl,
+                           const T* qb, int64_t sq, const T* kb, int64_t sk, const T* vb, int64_t sv,
+                           const T* xb = nullptr, int64_t sx = 0, const T* yb = nullptr, int64_t sy = 0) {
+  for (int64_t qi = q0; qi < q1; ++qi) {
+    const int64_t r = h * L + qi, n = rp[r + 1] - rp[r];
+    prefetch_row(qb + qi * sq, D);
+    if (xb) prefetch_row(xb + qi * sx, D);
+    if (yb) prefetch_row(yb + qi * sy, D);
+    if (n > 0 && n <= 64) {
+      const int64_t key = cl[rp[r + 1] - 1];
+      prefetch_row(kb + key * sk, D);
+      prefetch_row(vb + key * sv, D);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- blocked traversal
 
 // Queries are processed in blocks of BQ; inside a block, entry e of every row is visited before
@@ -250,6 +280,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const T* vb = V + vv.at(b, h, 0);
       const int64_t sk = vk.sl, sv = vv.sl;
       T* lse_row = LSE + bh * L;
+      for (int64_t p0 = blk == 0 ? 0 : blk_end; p0 <= blk_end && p0 < L; p0 += BQ)  // the first block: itself too
+        prefetch_block(p0, std::min(L, p0 + BQ), h, L, D, rp, cl, Q + vq.at(b, h, 0), vq.sl, kb, sk, vb, sv,
+                       (const T*)(O + vo.at(b, h, 0)), vo.sl);
       int64_t nr = 0, maxn = 0;
       for (int64_t qi = blk; qi < blk_end; ++qi) {
         const int64_t r = h * L + qi, start = rp[r], n = rp[r + 1] - start;
@@ -265,8 +298,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           T* qs = w.lq.data();
           ops.scale_to(sc, Q + vq.at(b, h, qi), qs);
           int64_t j = 0;
-          for (; j + 4 <= n; j += 4)
+          for (; j + 4 <= n; j += 4) {
+            if (j + 16 < n) for (int u = 0; u < 4; ++u) { prefetch_row(kb + keys[j + 16 + u] * sk, D); prefetch_row(vb + keys[j + 16 + u] * sv, D); }
             ops.dot4(qs, kb + keys[j] * sk, kb + keys[j + 1] * sk, kb + keys[j + 2] * sk, kb + keys[j + 3] * sk, w.rs.data() + j);
+          }
           for (; j < n; ++j) w.rs[j] = ops.dot(qs, kb + keys[j] * sk);
           T m = w.rs[0];
           for (j = 1; j < n; ++j) m = w.rs[j] > m ? w.rs[j] : m;
@@ -346,6 +381,9 @@ struct BackwardTask {
     const T* lse = LSE + (b * H + h) * L;
     for (int64_t blk = q0; blk < q1; blk += BQ) {
       const int64_t blk_end = std::min(q1, blk + BQ);
+      for (int64_t p0 = blk == q0 ? q0 : blk_end; p0 <= blk_end && p0 < q1; p0 += BQ)  // the first block: itself too
+        prefetch_block(p0, std::min(q1, p0 + BQ), h, L, D, rp, cl, Q + vq.at(b, h, 0), vq.sl, kb, sk, vb, sv,
+                       G + vg.at(b, h, 0), vg.sl, O + vo.at(b, h, 0), vo.sl);
       int64_t nr = 0, maxn = 0;
       for (int64_t qi = blk; qi < blk_end; ++qi) {
         const int64_t r = h * L + qi, start = rp[r], n = rp[r + 1] - start;
@@ -401,6 +439,7 @@ struct BackwardTask {
     ops.scale_to(sc, qp, qs);
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
+      if (j + 16 < n) for (int u = 0; u < 4; ++u) { prefetch_row(kb + keys[j + 16 + u] * sk, D); prefetch_row(vb + keys[j + 16 + u] * sv, D); }
       const int32_t k0 = keys[j], k1 = keys[j + 1], k2 = keys[j + 2], k3 = keys[j + 3];
       ops.dot4(qs, kb + k0 * sk, kb + k1 * sk, kb + k2 * sk, kb + k3 * sk, w.rs.data() + j);
       ops.dot4(gp, vb + k0 * sv, vb + k1 * sv, vb + k2 * sv, vb + k3 * sv, w.rdp.data() + j);
