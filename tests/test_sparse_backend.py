@@ -160,20 +160,31 @@ def test_layer_backends_agree_forward_and_gradients(config, prefix):
         torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
 
 
+def chosen(requested, *, device, num_tokens, dtype, semantics="neg_inf", **call):
+    """The name of choose_backend's choice for a call with these inputs."""
+    return backends.choose_backend(requested, backends.AttentionCall(torch.device(device), dtype, num_tokens, **call),
+                                   semantics).name
+
+
+def test_resolve_backend_is_gone():
+    """choose_backend is the one way to ask; its name-returning twin was removed (#12)."""
+    assert not hasattr(backends, "resolve_backend") and "resolve_backend" not in backends.__all__
+
+
 def test_auto_rule():
     cpu, f32 = torch.device("cpu"), torch.float32
-    assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=f32) == "sparse"
-    assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=f32, dense=True) == "sdpa"
-    assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=torch.bfloat16) == "sdpa"
-    assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=f32, dropout_p=0.1) == "sdpa"
-    assert backends.resolve_backend("auto", device=cpu, num_tokens=196, dtype=f32, requires_grad=True) == "sparse"
+    assert chosen("auto", device=cpu, num_tokens=196, dtype=f32) == "sparse"
+    assert chosen("auto", device=cpu, num_tokens=196, dtype=f32, dense=True) == "sdpa"
+    assert chosen("auto", device=cpu, num_tokens=196, dtype=torch.bfloat16) == "sdpa"
+    assert chosen("auto", device=cpu, num_tokens=196, dtype=f32, dropout_p=0.1) == "sdpa"
+    assert chosen("auto", device=cpu, num_tokens=196, dtype=f32, requires_grad=True) == "sparse"
     cuda = torch.device("cuda")
-    assert backends.resolve_backend("auto", device=cuda, num_tokens=196, dtype=f32) == "sdpa"
-    assert backends.resolve_backend("auto", device=cuda, num_tokens=3136, dtype=f32) == "flex"
-    assert backends.resolve_backend("auto", device=cuda, num_tokens=3136, dtype=f32, dropout_p=0.1) == "sdpa"
-    assert backends.resolve_backend("flex", device=cpu, num_tokens=196, dtype=f32) == "flex"  # forward only
-    assert backends.resolve_backend("sparse", device=cpu, num_tokens=196, dtype=f32, dense=True) == "sdpa"
-    assert backends.resolve_backend("reference", device=cuda, num_tokens=196, dtype=f32) == "reference"
+    assert chosen("auto", device=cuda, num_tokens=196, dtype=f32) == "sdpa"
+    assert chosen("auto", device=cuda, num_tokens=3136, dtype=f32) == "flex"
+    assert chosen("auto", device=cuda, num_tokens=3136, dtype=f32, dropout_p=0.1) == "sdpa"
+    assert chosen("flex", device=cpu, num_tokens=196, dtype=f32) == "flex"  # forward only
+    assert chosen("sparse", device=cpu, num_tokens=196, dtype=f32, dense=True) == "sdpa"
+    assert chosen("reference", device=cuda, num_tokens=196, dtype=f32) == "reference"
     with pytest.raises(ValueError, match=r"attention.backend='fast' is not one of \['auto', 'sdpa', 'sparse', 'flex', 'triton', 'reference'\]"):
         AttentionSpec.parse({"name": "fibottention", "backend": "fast"})
 
@@ -182,14 +193,14 @@ def test_explicit_backend_that_cannot_run_raises_one_line():
     cpu, cuda, f32 = torch.device("cpu"), torch.device("cuda"), torch.float32
     with pytest.raises(ValueError, match=r"^attention.backend=sparse cannot run this call: the fused kernel runs on the CPU "
                                          r"only, got cuda; use attention.backend=flex or auto$"):
-        backends.resolve_backend("sparse", device=cuda, num_tokens=196, dtype=f32)
+        chosen("sparse", device=cuda, num_tokens=196, dtype=f32)
     with pytest.raises(ValueError, match=r"^attention.backend=sparse cannot run this call: the fused kernel computes in "
                                          r"float32/float64, got torch.bfloat16; use attention.backend=auto \(or sdpa\)$"):
-        backends.resolve_backend("sparse", device=cpu, num_tokens=196, dtype=torch.bfloat16)
+        chosen("sparse", device=cpu, num_tokens=196, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"^attention.backend=flex cannot run this call: FlexAttention has no backward on the "
                                          r"CPU \(PyTorch raises NotImplementedError\); to train on the CPU use "
                                          r"attention.backend=sparse or auto"):
-        backends.resolve_backend("flex", device=cpu, num_tokens=196, dtype=f32, requires_grad=True)
+        chosen("flex", device=cpu, num_tokens=196, dtype=f32, requires_grad=True)
     call = backends.AttentionCall(cpu, f32, 196)
     with pytest.raises(ValueError, match=r"^attention.backend=sparse cannot run this call: it computes "
                                          r"mask_semantics=neg_inf, not zero_score; use attention.backend=auto$"):
@@ -214,7 +225,7 @@ def test_failed_build_falls_back_to_sdpa_with_a_warning(monkeypatch, caplog):
     monkeypatch.setenv("FIBO_DISABLE_SPARSE_EXT", "1")
     layer = Attention(24, num_heads=3, attention={"name": "fibottention"})
     with caplog.at_level(logging.WARNING):
-        assert backends.resolve_backend("auto", device=torch.device("cpu"), num_tokens=20, dtype=torch.float32) == "sdpa"
+        assert chosen("auto", device=torch.device("cpu"), num_tokens=20, dtype=torch.float32) == "sdpa"
         out = layer(torch.randn(2, 21, 24))  # trains on: sdpa
     assert "falling back" in caplog.text or "using sdpa" in caplog.text
     assert out.shape == (2, 21, 24) and torch.isfinite(out).all()

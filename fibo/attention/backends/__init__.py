@@ -25,8 +25,6 @@ the fix.
 
 from __future__ import annotations
 
-import torch
-
 from fibo.attention.backends.base import AttentionCall, Backend
 from fibo.attention.backends.cpu_sparse import CpuSparse
 from fibo.attention.backends.flex import Flex
@@ -34,7 +32,7 @@ from fibo.attention.backends.sdpa import Reference, Sdpa, ZeroScore, math_neg_in
 from fibo.attention.backends.triton_offsets import TritonOffsets
 
 __all__ = ["AttentionCall", "Backend", "BACKENDS", "AUTO_ORDER", "BACKEND_CHOICES", "CUDA_AUTO_RULE",
-           "CUDA_AUTO_RULE_SOURCE", "auto_candidates", "cuda_ranking", "choose_backend", "resolve_backend",
+           "CUDA_AUTO_RULE_SOURCE", "auto_candidates", "cuda_ranking", "choose_backend",
            "math_neg_inf", "zero_score"]
 
 SDPA, SPARSE, FLEX, REFERENCE, ZERO_SCORE, TRITON = Sdpa(), CpuSparse(), Flex(), Reference(), ZeroScore(), TritonOffsets()
@@ -113,9 +111,3 @@ def choose_backend(requested: str, call: AttentionCall, semantics: str = "neg_in
         raise ValueError(f"attention.backend={requested} cannot run this call: {reason}")
     return backend
 
-
-def resolve_backend(requested: str, *, device: torch.device, num_tokens: int, dtype: torch.dtype,
-                    dropout_p: float = 0.0, dense: bool = False, requires_grad: bool = False) -> str:
-    """The name of :func:`choose_backend`'s choice for a ``neg_inf`` call with these inputs."""
-    call = AttentionCall(torch.device(device), dtype, num_tokens, dropout_p, dense, requires_grad)
-    return choose_backend(requested, call).name
