@@ -129,11 +129,13 @@ def check_trainer(cfg: DictConfig) -> None:
         _integer("trainer.max_epochs", epochs, -1, "epochs to train; -1 = no limit, e.g. trainer.max_epochs=40")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """All the checks above, in the order data, model, task, attention, trainer.
+def check_config(cfg: DictConfig, training: bool = True) -> None:
+    """All the checks above, in the order data, model, task, attention, trainer; ``training=False``
+    (a job that only evaluates, ``fibo-eval``) skips the attention backend's training check.
 
     Raises:
         ValueError: the first bad value, in one line naming its key and the fix.
     """
-    for check in (check_data, check_model, check_task, check_attention_backend, check_trainer):
+    checks = (check_data, check_model, check_task, *([check_attention_backend] if training else []), check_trainer)
+    for check in checks:
         check(cfg)

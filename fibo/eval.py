@@ -177,7 +177,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
                          "fibo-eval ckpt_path=logs/runs/<run>/checkpoints/last.ckpt")
     _route_lightning_logs_through_hydra()
     hydra_cfg = HydraConfig.get()
-    choices = prepare_job(cfg, hydra_cfg)
+    choices = prepare_job(cfg, hydra_cfg, training=False)
     ckpt = load_checkpoint(cfg.ckpt_path)
     log_cfg = cfg.logger
     uri = resolve_tracking_uri(log_cfg.get("tracking_uri"), log_cfg.get("default_store", "mlflow.db"))

@@ -150,9 +150,10 @@ def job_argv_for_ddp_children(hydra_cfg) -> Iterator[None]:
             hydra_cfg.run.dir = run_dir
 
 
-def prepare_job(cfg: DictConfig, hydra_cfg) -> dict:
+def prepare_job(cfg: DictConfig, hydra_cfg, training: bool = True) -> dict:
     """Check the job's overrides, run options and config values (:func:`fibo.config_check.check_config`:
-    before the MLflow run is created, so a bad value leaves no FAILED run), make its command-line paths absolute (against
+    before the MLflow run is created, so a bad value leaves no FAILED run; ``training=False``: the job
+    only evaluates, as ``fibo-eval``), make its command-line paths absolute (against
     Hydra's ``runtime.cwd``) and give it the default run name when ``run_name`` is null. Returns the
     Hydra choices (group -> option).
 
@@ -168,7 +169,7 @@ def prepare_job(cfg: DictConfig, hydra_cfg) -> dict:
     check_overrides(overrides)
     check_run_options(cfg)
     try:
-        check_config(cfg)
+        check_config(cfg, training=training)
     except ValueError as err:  # before the MLflow run exists: a bad value leaves no FAILED run
         raise UsageError(str(err)) from None
     absolute_cli_paths(cfg, overrides, hydra_cfg.runtime.cwd)

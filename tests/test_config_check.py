@@ -87,3 +87,13 @@ def test_flex_is_checked_only_where_training_runs_on_the_cpu(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"^attention.backend=flex cannot train on the CPU \(trainer.accelerator=auto, "
                                          r"no GPU here\): FlexAttention has no backward on the CPU"):
         check_config(cfg)
+
+
+def test_an_evaluation_job_may_use_flex_on_the_cpu(tmp_path):
+    """fibo-eval runs forward only, where FlexAttention works on the CPU: not refused."""
+    from fibo.config_check import check_config
+
+    cfg = lifecycle_cfg(tmp_path, "attention.backend=flex", "trainer=cpu")
+    check_config(cfg, training=False)
+    with pytest.raises(ValueError, match=r"^attention.backend=flex cannot train on the CPU"):
+        check_config(cfg)
