@@ -304,6 +304,19 @@ def test_malformed_list_lines(tmp_path):
         parse_list_file(tmp_path / "nope.txt")
 
 
+def test_missing_listed_files_are_named_with_their_line_numbers(tmp_path, caplog):
+    """Before: a listed file that does not exist was skipped later without its line number."""
+    import logging
+
+    (tmp_path / "a.mp4").write_bytes(b"")
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.mp4 0\n# note\ngone.mp4 1\nsub/also gone.mp4 0\n")
+    with caplog.at_level(logging.WARNING, logger="fibo.data.video_io"):
+        assert len(parse_list_file(lst)) == 3
+    assert caplog.messages == [f"{lst}: 2 listed file(s) not found (line 3: '{tmp_path / 'gone.mp4'}'; line 4: "
+                               f"'{tmp_path / 'sub' / 'also gone.mp4'}'); paths are relative to {tmp_path}"]
+
+
 def _audio_only(path):
     import av
 

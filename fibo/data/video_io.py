@@ -5,6 +5,7 @@ Errors name the file and the fix. The DataModule applies the ``on_bad_video`` po
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+
+log = logging.getLogger(__name__)
 
 
 class BadVideoError(Exception):
@@ -152,7 +155,8 @@ def parse_list_file(list_file: str | Path, root: str | Path | None = None) -> li
 
     The label is the last whitespace-separated token, so paths may contain spaces. Relative paths
     are resolved against ``root`` if given, else against the list file's folder. Blank lines and
-    lines starting with ``#`` are ignored.
+    lines starting with ``#`` are ignored. Listed files that do not exist are named in one warning,
+    each with its line number (they are then skipped or refused as ``data.on_bad_video`` says).
 
     Raises:
         FileNotFoundError: the list file is missing.
@@ -163,7 +167,7 @@ def parse_list_file(list_file: str | Path, root: str | Path | None = None) -> li
     if not list_file.is_file():
         raise FileNotFoundError(f"video list {list_file} not found (expected lines '<path> <integer label>')")
     base = Path(root) if root else list_file.parent
-    samples, bad = [], []
+    samples, bad, missing = [], [], []
     for line_no, raw in enumerate(list_file.read_text().splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -174,6 +178,8 @@ def parse_list_file(list_file: str | Path, root: str | Path | None = None) -> li
             continue
         path = Path(parts[0])
         samples.append((path if path.is_absolute() else base / path, int(parts[1])))
+        if not samples[-1][0].is_file():
+            missing.append(f"{line_no}: {str(samples[-1][0])!r}")
     if bad:  # every malformed line at once, each with its number (the first 10 named)
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise ValueError(
@@ -182,6 +188,10 @@ def parse_list_file(list_file: str | Path, root: str | Path | None = None) -> li
         )
     if not samples:
         raise ValueError(f"video list {list_file} has no entries")
+    if missing:  # every missing file at once, each with its line number (the first 10 named)
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        log.warning("%s: %d listed file(s) not found (line %s%s); paths are relative to %s", list_file, len(missing),
+                    "; line ".join(missing[:10]), more, base)
     return samples
 
 
