@@ -383,6 +383,16 @@ def _check_resume(cfg, choices, ckpt, client, run_id, instantiate):
     return previous
 
 
+def _hydra_job_num() -> str | None:
+    """This multirun job's number (``hydra.job.num``), None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    num = HydraConfig.get().job.get("num")
+    return None if num is None else str(num)
+
+
 @contextmanager
 def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
     run_id = ckpt.get(RUN_ID_KEY) if ckpt is not None else None
@@ -396,6 +406,9 @@ def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
         parent = os.environ.get(PARENT_RUN_ENV)  # a multirun's parent run (fibo.sweep.MlflowSweepParent)
         if previous is None and parent and parent != run.run_id:
             client.set_tag(run.run_id, "mlflow.parentRunId", parent)
+            job = _hydra_job_num()
+            if job is not None:  # which job of the sweep (an Optuna trial's number)
+                client.set_tag(run.run_id, "fibo.sweep.job", job)
         if previous is not None:
             run.resumed_status = previous.info.status
             client.update_run(run_id, status="RUNNING")
