@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 
 from fibo.launch import CONF_DIR, UsageError, job_argv_for_ddp_children, prepare_job  # also registers ${fibo.cwd:}, ${fibo.run_suffix:}
 from fibo.sweep import direction as _direction  # noqa: F401 - registers ${fibo.direction:} (conf/hydra/sweeper/optuna_fibo.yaml)
-from fibo.sweep import direction as _direction  # noqa: F401 - registers ${fibo.direction:} (conf/hydra/sweeper/optuna_fibo.yaml)
 
 log = logging.getLogger("fibo")
 
