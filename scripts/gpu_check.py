@@ -361,7 +361,12 @@ def vit_rows(device, dry: bool, with_flex: bool, budget: Budget, env: dict, time
     import torch
     import torch.nn.functional as F
 
-    from fibo.models.vit import VisionTransformer
+    try:
+        from fibo.models.vit import VisionTransformer
+    except Exception as err:  # noqa: BLE001 - e.g. another timm on a plain CUDA image: a row, not the end
+        print(f"vit: skipped: fibo.models.vit does not import ({type(err).__name__}: {err})", flush=True)
+        return [row(section="vit", pattern="vit", backend="", note=f"skipped: fibo.models.vit does not import "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", **env)]
 
     if dry:
         arch = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
