@@ -1,5 +1,6 @@
 """The MLflow UI on real fibo runs: ``make ui`` serves the store, its REST API finds the runs, and the
-compare-runs page renders in headless Chromium (a screenshot is kept under test-artifacts/).
+compare-runs page, a run's LoggedModel page and its system-metrics tab render in headless Chromium
+(screenshots kept under test-artifacts/).
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it). Without it the browser test fails, unless
 ``FIBO_SKIP_BROWSER=1`` is set, which skips it explicitly. ``FIBO_CHROMIUM=/path`` picks the binary;
@@ -170,3 +171,41 @@ def test_missing_chromium_fails_unless_skipped_on_purpose(monkeypatch):
     monkeypatch.setenv("FIBO_SKIP_BROWSER", "1")
     with pytest.raises(pytest.skip.Exception, match="FIBO_SKIP_BROWSER=1"):
         _chromium()
+
+
+def _keep(shot: Path, html: str, name: str) -> None:
+    artifacts = Path(os.environ.get("FIBO_TEST_ARTIFACTS") or ROOT / "test-artifacts")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(shot, artifacts / f"{name}.png")
+    (artifacts / f"{name}.html").write_text(html)
+
+
+def _render(exe: str, tmp_path: Path, url: str, name: str) -> str:
+    url = urllib.parse.quote(url, safe=":/#?&=,")
+    dom = _headless(exe, tmp_path / "profile", url, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    shot = tmp_path / f"{name}.png"
+    result = _headless(exe, tmp_path / "profile", url, f"--screenshot={shot}")
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-3000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    _keep(shot, dom.stdout, name)
+    return dom.stdout
+
+
+def test_model_and_system_metrics_pages_render_in_headless_chromium(ui_server, tmp_path):
+    """A run's LoggedModel page (MLflow 3: #/experiments/<id>/models/<model id>) and its system-metrics
+    tab (#/experiments/<id>/runs/<run id>/system-metrics), screenshots kept in test-artifacts/."""
+    exp_id, runs = _runs_through_rest(ui_server)
+    run = next(r for r in runs if r["info"]["run_name"] == "vit_nano-fibottention-digits-s0")
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    model_id = tags["fibo.model_id"]
+    model = _get(f"{ui_server}/api/2.0/mlflow/logged-models/{model_id}")["model"]
+    assert model["info"]["source_run_id"] == run["info"]["run_id"] and model["info"]["name"] == "model"
+    system = {m["key"] for m in run["data"]["metrics"] if m["key"].startswith("system/")}
+    assert "system/cpu_utilization_percentage" in system, system
+    exe = _chromium()
+    html = _render(exe, tmp_path, f"{ui_server}/#/experiments/{exp_id}/models/{model_id}", "mlflow_logged_model")
+    assert model_id in html and "vit_nano-fibottention-digits-s0" in html, html[-3000:]
+    html = _render(exe, tmp_path, f"{ui_server}/#/experiments/{exp_id}/runs/{run['info']['run_id']}/system-metrics",
+                   "mlflow_system_metrics")
+    assert "cpu_utilization_percentage" in html, html[-3000:]
