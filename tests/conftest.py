@@ -62,14 +62,18 @@ def run_fibo():
     return fibo_run
 
 
-def mlflow_runs(root: Path, experiment: str = "fibo"):
-    """All runs of ``experiment`` in the default SQLite store under ``root``."""
+def mlflow_runs(root: Path, experiment: str = "fibo", jobs_only: bool = True):
+    """The runs of ``experiment`` in the default SQLite store under ``root``: the training/eval jobs only
+    (``jobs_only``: sweep parents and fibo-compare runs, tagged ``fibo.comparison=true``, left out), or all."""
     from mlflow.tracking import MlflowClient
+
+    from fibo.compare import COMPARISON_TAG
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r} in {root / 'mlflow.db'}"
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, [r for r in runs if not jobs_only or r.data.tags.get(COMPARISON_TAG) != "true"]
 
 
 @pytest.fixture(scope="session")

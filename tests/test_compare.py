@@ -16,8 +16,7 @@ from fibo import compare as fc
 
 
 def _training_runs(root: Path):
-    client, runs = mlflow_runs(root)
-    return client, [r for r in runs if r.data.tags.get(fc.COMPARISON_TAG) != "true"]
+    return mlflow_runs(root)
 
 
 def _by_attention(runs):
@@ -64,7 +63,7 @@ def test_fibo_compare_command_on_a_real_sweep(sweep_2x2, tmp_path):
     assert "| dense |" in (out / "comparison.md").read_text()
     assert f"plot:  {png}" in result.stdout
 
-    comparisons = [r for r in mlflow_runs(sweep_2x2)[1] if r.data.tags.get(fc.COMPARISON_TAG) == "true"]
+    comparisons = [r for r in mlflow_runs(sweep_2x2, jobs_only=False)[1] if r.data.tags.get(fc.COMPARISON_TAG) == "true"]
     mine = [r for r in comparisons if r.info.run_id in result.stdout]
     assert len(mine) == 1 and mine[0].info.status == "FINISHED"
     run = mine[0]

@@ -146,9 +146,12 @@ def test_fibo_run_task_robot_end_to_end(tmp_path, run_fibo):
     for key in ("train/loss", "val/loss", "rollout/mean_length", "attention/density_patch", "data/train_demos"):
         assert key in metrics, sorted(metrics)
     rollouts = {a.path for a in client.list_artifacts(run.info.run_id, "rollouts")}
-    assert rollouts == {"rollouts/epoch000.json", "rollouts/epoch000.mp4"}
+    assert rollouts == {"rollouts/epoch000.json", "rollouts/epoch000.mp4", "rollouts/summary.json"}
     record = json.loads((next((tmp_path / "logs").rglob("rollouts/epoch000.json"))).read_text())
     assert record["seeds"] == [100000, 100001] and len(record["successes"]) == 2
+    summary = json.loads((next((tmp_path / "logs").rglob("rollouts/summary.json"))).read_text())
+    assert summary["evaluations"] == 1 and summary["success_rate_final"] == pytest.approx(float(match.group(1)))
+    assert metrics["rollout/success_rate_final"] == pytest.approx(float(match.group(1)))
     import torch
 
     ckpt = torch.load(next((tmp_path / "logs").rglob("checkpoints/last.ckpt")), weights_only=False)

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def _parent_and_children(root):
-    client, runs = mlflow_runs(root, "fibo-debug")
+    client, runs = mlflow_runs(root, "fibo-debug", jobs_only=False)
     parents = [r for r in runs if r.data.tags.get("fibo.sweep") == "true"]
     assert len(parents) == 1, [r.info.run_name for r in runs]
     parent = parents[0]
