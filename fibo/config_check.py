@@ -3,7 +3,8 @@ that a bad value (``data.batch_size=0``, ``task.lr=-1``, ``data.img_size=-4``, `
 ``attention.backend=flex`` when training on the CPU, ...) stops with one line and leaves no FAILED run
 in the store. Each check calls the validator that the component itself runs when it is built
 (:func:`fibo.tasks.base.check_recipe`, :func:`fibo.data.transforms.check_img_size`,
-:func:`fibo.models.vit.check_patch_grid`, the backend's ``supports``), so the message is the same
+:func:`fibo.models.vit.check_patch_grid`, :func:`fibo.models.policy.check_action_steps`, the
+backend's ``supports``; a task and data of different modalities are named as such first), so the message is the same
 either way; what needs the data or the built model (``data.train_samples`` against the dataset's
 size, a checkpoint's shapes) is checked where those exist. :func:`fibo.launch.prepare_job` calls
 :func:`check_config`."""
@@ -39,6 +40,45 @@ def _number(key: str, value: Any) -> Real:
 def _integer(key: str, value: Any, least: int, example: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{key}={value!r} must be an integer >= {least} ({example})")
+
+
+def _modality(target: Any) -> str | None:
+    """The ``modality`` class attribute (image / video / robot) of the class at ``target``, None when
+    there is none or the class cannot be imported (that error is left to instantiate)."""
+    from hydra.utils import get_class
+
+    try:
+        return getattr(get_class(str(target)), "modality", None)
+    except Exception:  # noqa: BLE001 - import errors: instantiate reports them with the target
+        return None
+
+
+def data_options(modality: str, conf_dir: str | None = None) -> list[str]:
+    """The ``conf/data/`` options whose data module serves ``modality``."""
+    from pathlib import Path
+
+    from fibo.launch import CONF_DIR
+
+    options = []
+    for path in sorted((Path(conf_dir or CONF_DIR) / "data").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if target is not None and _modality(target) == modality:
+            options.append(path.stem)
+    return options
+
+
+def check_task_data(cfg: DictConfig, choices: dict | None = None) -> None:
+    """The data module serves the task's modality (``modality``: image, video or robot, a class
+    attribute of both): ``task=image data=lift`` would otherwise fail later on an unrelated value."""
+    task_modality = _modality(_get(cfg, "task._target_"))
+    data_modality = _modality(_get(cfg, "data._target_"))
+    if task_modality is None or data_modality is None or task_modality == data_modality:
+        return
+    choices = choices or {}
+    data, task = choices.get("data", _get(cfg, "data._target_")), choices.get("task", task_modality)
+    fits = data_options(task_modality)
+    raise ValueError(f"data={data} holds {data_modality} data, but task={task} trains on {task_modality} data: "
+                     f"pass task={data_modality} for data={data}, or data=<{'|'.join(fits)}> for task={task}")
 
 
 def check_task(cfg: DictConfig) -> None:
@@ -91,6 +131,22 @@ def check_model(cfg: DictConfig) -> None:
         check_patch_grid(tuple(img_size) if isinstance(img_size, list) else img_size, patch_size)
 
 
+def check_robot_head(cfg: DictConfig) -> None:
+    """A policy head's windows (``model.head``): ``n_obs_steps`` and ``horizon`` integers >= 1,
+    ``n_action_steps`` between 1 and the horizon (:func:`fibo.models.policy.check_action_steps`)."""
+    if _get(cfg, "model.head") is _MISSING:
+        return
+    for name, what in (("n_obs_steps", "observations per prediction"), ("horizon", "actions per prediction")):
+        value = _get(cfg, f"model.head.{name}")
+        if value is not _MISSING:
+            _integer(f"model.head.{name}", value, 1, f"{what}, e.g. model.head.{name}=2")
+    steps, horizon = _get(cfg, "model.head.n_action_steps"), _get(cfg, "data.seq_length")
+    if steps is not _MISSING and isinstance(horizon, int) and not isinstance(horizon, bool) and horizon >= 1:
+        from fibo.models.policy import check_action_steps
+
+        check_action_steps(steps, horizon)
+
+
 def training_device(cfg: DictConfig) -> str | None:
     """``cpu`` or ``cuda``: where ``cfg.trainer`` trains (``accelerator`` ``cpu``; ``auto`` without
     CUDA), None when it cannot be told from the config (another accelerator)."""
@@ -123,19 +179,26 @@ def check_attention_backend(cfg: DictConfig) -> None:
 
 
 def check_trainer(cfg: DictConfig) -> None:
-    """``trainer.max_epochs`` an integer >= -1 (-1: no limit) or null, as Lightning takes it."""
+    """``trainer.max_epochs`` an integer >= 1, -1 (no limit) or null, as Lightning takes it; 0 (which
+    Lightning accepts and then trains nothing, ending FINISHED) is refused with the fix."""
     epochs = _get(cfg, "trainer.max_epochs")
     if epochs is not _MISSING and epochs is not None:
         _integer("trainer.max_epochs", epochs, -1, "epochs to train; -1 = no limit, e.g. trainer.max_epochs=40")
+        if epochs == 0:
+            raise ValueError("trainer.max_epochs=0 trains nothing: pass trainer.max_epochs>=1 (-1 = no limit), or "
+                             "evaluate a checkpoint with fibo-eval ckpt_path=<file.ckpt>")
 
 
-def check_config(cfg: DictConfig, training: bool = True) -> None:
-    """All the checks above, in the order data, model, task, attention, trainer; ``training=False``
-    (a job that only evaluates, ``fibo-eval``) skips the attention backend's training check.
+def check_config(cfg: DictConfig, training: bool = True, choices: dict | None = None) -> None:
+    """All the checks above, in the order task/data pairing, data, model, robot head, task, attention,
+    trainer; ``training=False`` (a job that only evaluates, ``fibo-eval``) skips the attention
+    backend's and the trainer's checks. ``choices``: Hydra's group choices, to name them in messages.
 
     Raises:
         ValueError: the first bad value, in one line naming its key and the fix.
     """
-    checks = (check_data, check_model, check_task, *([check_attention_backend] if training else []), check_trainer)
+    check_task_data(cfg, choices)
+    checks = (check_data, check_model, check_robot_head, check_task,
+              *([check_attention_backend, check_trainer] if training else []))
     for check in checks:
         check(cfg)

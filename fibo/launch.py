@@ -169,7 +169,7 @@ def prepare_job(cfg: DictConfig, hydra_cfg, training: bool = True) -> dict:
     check_overrides(overrides)
     check_run_options(cfg)
     try:
-        check_config(cfg, training=training)
+        check_config(cfg, training=training, choices=dict(hydra_cfg.runtime.choices))
     except ValueError as err:  # before the MLflow run exists: a bad value leaves no FAILED run
         raise UsageError(str(err)) from None
     absolute_cli_paths(cfg, overrides, hydra_cfg.runtime.cwd)

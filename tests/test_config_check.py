@@ -22,6 +22,17 @@ BAD_VALUES = [
                               "of 2 (e.g. 24) or a patch size that divides 25"),
     ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0 (DataLoader worker processes; 0 loads in the "
                             "main process)"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0 trains nothing: pass trainer.max_epochs>=1 (-1 = no limit), or "
+                             "evaluate a checkpoint with fibo-eval ckpt_path=<file.ckpt>"),  # before: FINISHED, silent
+    ("data=lift", "data=lift holds robot data, but task=image trains on image data: pass task=robot for data=lift, "
+                  "or data=<cifar10|cifar100|digits|imagefolder> for task=image"),  # before: a patch-size error
+    ("task=video data=digits", "data=digits holds image data, but task=video trains on video data: pass task=image "
+                               "for data=digits, or data=<moving_digits|videofolder|videolist> for task=video"),
+    ("task=robot model.head.horizon=0", "model.head.horizon=0 must be an integer >= 1 (actions per prediction, e.g. "
+                                        "model.head.horizon=2)"),  # before: named data.seq_length, inside the run
+    ("task=robot model/head=diffusion model.head.n_action_steps=20",
+     "model.head.n_action_steps=20 is larger than the horizon, 16 actions per prediction (data.seq_length, by default "
+     "model.head.horizon): set model.head.n_action_steps<=16 or model.head.horizon>=20"),
     ("trainer.max_epochs=-2", "trainer.max_epochs=-2 must be an integer >= -1 (epochs to train; -1 = no limit, e.g. "
                               "trainer.max_epochs=40)"),
     ("attention.backend=flex trainer=cpu", "attention.backend=flex cannot train on the CPU (trainer.accelerator=cpu): "

@@ -106,6 +106,8 @@ class ImageDataModule(L.LightningDataModule):
             ``train_samples`` out of range (at setup).
     """
 
+    modality = "image"  # the task family this data serves (fibo.config_check.check_task_data)
+
     name = "images"
 
     def __init__(

@@ -258,6 +258,8 @@ class RobomimicDataModule(L.LightningDataModule):
             ``num_demos`` not between 1 and the number of training demos.
     """
 
+    modality = "robot"  # the task family this data serves (fibo.config_check.check_task_data)
+
     def __init__(self, path: str, rgb_keys: Sequence[str] = ("agentview_image",),
                  low_dim_keys: Mapping[str, int] | None = None, action_dim: int = 7, frame_stack: int = 1,
                  seq_length: int = 1, batch_size: int = 64, num_workers: int = 0, generate: Mapping[str, Any] | None = None,

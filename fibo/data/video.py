@@ -208,6 +208,8 @@ class VideoDataModule(L.LightningDataModule):
         every video of a split unusable, ``data.num_classes`` not matching the data.
     """
 
+    modality = "video"  # the task family this data serves (fibo.config_check.check_task_data)
+
     def __init__(self, root: str | None = None, train_list: str | None = None, val_list: str | None = None,
                  test_list: str | None = None, generate: str | None = None, num_classes: int = 4,
                  in_chans: int = 3, img_size: int = 32, num_frames: int = 8,

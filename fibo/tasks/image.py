@@ -22,6 +22,8 @@ class ImageClassifier(BaseTask):
     ``val/loss``, ``val/acc1``, ``val/acc5``, ``test/loss``, ``test/acc1``, ``test/acc5``.
     """
 
+    modality = "image"  # the data family it trains on (fibo.config_check.check_task_data)
+
     def __init__(
         self,
         model: nn.Module,

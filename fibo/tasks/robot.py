@@ -130,6 +130,8 @@ class BehaviorCloning(BaseTask):
             draws from ``agent_seed + i``: paired across evaluations, global RNG untouched).
     """
 
+    modality = "robot"  # the data family it trains on (fibo.config_check.check_task_data)
+
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.01, warmup_epochs: float = 1,
                  min_lr: float = 1e-5, loss: str = "mse", batch_size: int | None = None,
                  lr_base_batch: int | None = None, optimizer: Callable | None = None,

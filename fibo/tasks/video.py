@@ -19,6 +19,8 @@ class VideoClassifier(ImageClassifier):
     :class:`~fibo.tasks.image.ImageClassifier`.
     """
 
+    modality = "video"
+
     def on_test_epoch_start(self) -> None:
         self._video_probs: dict[int, torch.Tensor] = {}
         self._video_labels: dict[int, int] = {}
