@@ -170,8 +170,14 @@ def input_error(err: BaseException) -> str | None:
 
 def main() -> None:
     """Console script ``fibo-run``."""
+    from fibo.sweep import note_exit
+
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as exit_:  # Hydra exits 1 after printing an error it caught (e.g. the sweeper's)
+        note_exit(exit_.code)
+        raise
 
 
 if __name__ == "__main__":

@@ -103,21 +103,24 @@ NAMED_GROUPS = ("model", "attention", "data", "seed")  # always in the default r
 
 
 def default_run_name(cfg: DictConfig, choices: dict, swept: list[str] = ()) -> str:
-    """``<model>-<attention>-<data>-s<seed>``, then this job's values of what else a sweep varies."""
-    base = f"{choices.get('model')}-{choices.get('attention')}-{choices.get('data')}-s{cfg.seed}"
+    """``<model>[-<head>]-<attention>-<data>-s<seed>`` (``<head>``: the ``model/head`` choice of a robot
+    policy, bc or diffusion), then this job's values of what else a sweep varies."""
+    model = "-".join(str(c) for c in (choices.get("model"), choices.get("model/head")) if c)
+    base = f"{model}-{choices.get('attention')}-{choices.get('data')}-s{cfg.seed}"
     return "-".join([base, *swept])
 
 
-def swept_overrides(job_overrides: list[str], argv: list[str]) -> list[str]:
+def swept_overrides(job_overrides: list[str], argv: list[str], searched: tuple[str, ...] = ()) -> list[str]:
     """This job's values (``task.lr=0.01``) of the overrides that the command line ``argv`` sweeps
-    (``task.lr=0.01,0.1``), other than model, attention, data and seed (the default name has them).
-    Empty when ``argv`` sweeps nothing or cannot be parsed (a job launched by a remote launcher)."""
+    (``task.lr=0.01,0.1``) or that a search sweeper draws (``searched``: the keys of Optuna's
+    ``hydra.sweeper.params``), other than model, attention, data and seed (the default name has them).
+    Empty when nothing is swept or ``argv`` cannot be parsed (a job launched by a remote launcher)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     try:
         swept = {o.key_or_group for o in parser.parse_overrides([a for a in argv if not a.startswith("-")])
-                 if o.is_sweep_override()}
+                 if o.is_sweep_override()} | set(searched)
         jobs = parser.parse_overrides(job_overrides)
     except Exception:  # noqa: BLE001 - Hydra's parser raises its own types
         return []
@@ -175,6 +178,7 @@ def prepare_job(cfg: DictConfig, hydra_cfg, training: bool = True) -> dict:
     absolute_cli_paths(cfg, overrides, hydra_cfg.runtime.cwd)
     choices = dict(hydra_cfg.runtime.choices)
     if cfg.run_name is None:
-        swept = swept_overrides(overrides, sys.argv[1:]) if hydra_cfg.mode == RunMode.MULTIRUN else []
+        searched = tuple(OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or ())
+        swept = swept_overrides(overrides, sys.argv[1:], searched) if hydra_cfg.mode == RunMode.MULTIRUN else []
         cfg.run_name = default_run_name(cfg, choices, swept)
     return choices

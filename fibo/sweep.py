@@ -18,7 +18,9 @@ or ``.fit``; written to ``<sweep dir>/comparison/``), then FINISHED. A failed jo
 FAILED (Hydra stops the sweep after that job's batch, so the end is never reached; tags
 ``failed_jobs``, ``error``): at once, or, when the job left with ``SystemExit`` (fibo-run's bad-input
 exit: Hydra never reports the job's end), when the process exits; a sweep stopped with Ctrl-C /
-SIGTERM (a KILLED job run, or between jobs) leaves it KILLED.
+SIGTERM (a KILLED job run, or between jobs) leaves it KILLED; a sweeper that fails (Hydra prints its
+error and exits 1) leaves it FAILED. A sweep that would launch no job (``hydra.sweeper.n_trials=0``)
+stops with one line before the parent run exists.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,15 @@ from fibo.tracking import PARENT_RUN_ENV as PARENT_ENV  # importing fibo.trackin
 SWEEP_TAG = "fibo.sweep"
 MINIMIZED = ("loss", "mse", "error", "nll", "perplexity")  # headline metrics that are better lower
 log = logging.getLogger("fibo")
+KILLED_EXIT_CODES = (130, 143)  # Ctrl-C, SIGTERM (fibo.tracking turns Lightning's SIGTERM into exit status 143)
+_exit_code: list[Any] = []  # the exit status fibo-run's main() is leaving with (see note_exit)
+
+
+def note_exit(code: Any) -> None:
+    """Record the exit status the process leaves with (``fibo.cli.main`` calls it on ``SystemExit``):
+    a sweep whose sweeper failed before or between jobs (Hydra prints the error, then exits 1) ends its
+    parent run FAILED, not KILLED."""
+    _exit_code[:] = [code]
 
 
 def direction(test: Any, test_metric: str, fit_metric: str) -> str:
@@ -90,8 +102,20 @@ class MlflowSweepParent(Callback):
 
     # -- start ---------------------------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Create the parent run. A bad sweep (no job planned, an unreachable tracking server) stops
+        the process with one line: Hydra turns a callback's exception into a warning and sweeps on."""
+        from fibo.cli import INPUT_ERRORS
+        from fibo.store import TrackingError
+
         if not self.enabled or os.environ.get(PARENT_ENV):  # a sweep inside a sweep's job: one parent
             return
+        try:
+            self._start(config)
+        except (*INPUT_ERRORS, TrackingError) as err:
+            print(f"fibo-run: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    def _start(self, config: DictConfig) -> None:
         from mlflow.tracking import MlflowClient
 
         from fibo.store import check_tracking_server, prepare_store
@@ -99,6 +123,12 @@ class MlflowSweepParent(Callback):
 
         log_cfg = config.logger
         uri = resolve_tracking_uri(log_cfg.get("tracking_uri"), log_cfg.get("default_store", "mlflow.db"))
+        planned = planned_jobs(config)
+        if planned is not None and planned < 1:
+            from fibo.launch import UsageError
+
+            raise UsageError(f"hydra.sweeper.n_trials={planned} runs no trial: pass hydra.sweeper.n_trials>=1, "
+                             f"e.g. hydra.sweeper.n_trials=20")
         check_tracking_server(uri)
         prepare_store(uri)
         self.client, self.tracking_uri = MlflowClient(tracking_uri=uri), uri
@@ -109,7 +139,6 @@ class MlflowSweepParent(Callback):
         run = self.client.create_run(experiment_id, run_name=f"sweep {time.strftime('%Y-%m-%d_%H-%M-%S')}", tags={
             SWEEP_TAG: "true", "fibo.comparison": "true", "fibo.sweep.dir": sweep_dir})
         self.run_id = run.info.run_id
-        planned = planned_jobs(config)
         params = {"overrides": " ".join(overrides) or "-",
                   "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_", default="?")),
                   "jobs_planned": "?" if planned is None else str(planned)}
@@ -195,6 +224,11 @@ class MlflowSweepParent(Callback):
         if self.run_id is None or self.ended:
             return
         status = "KILLED"
+        code = _exit_code[0] if _exit_code else None
+        if code not in (None, 0, *KILLED_EXIT_CODES):  # the sweeper raised (its error is printed above)
+            status = "FAILED"
+            self._tag_quietly("error", f"the sweep stopped with exit status {code} (the sweeper's error is in the "
+                                       f"console output and the sweep's log)")
         try:
             statuses = {r.info.run_name: r.info.status for r in self.children()}
             failed = [name for name, st in statuses.items() if st == "FAILED"]
@@ -208,6 +242,12 @@ class MlflowSweepParent(Callback):
         except Exception:  # noqa: BLE001 - the store may be gone at exit
             pass
         self._end_if_open(status)
+
+    def _tag_quietly(self, key: str, value: str) -> None:
+        try:
+            self.client.set_tag(self.run_id, key, value[:5000])
+        except Exception:  # noqa: BLE001 - the store may be gone at exit
+            pass
 
     def _end_if_open(self, status: str) -> None:
         if self.run_id is None or self.ended:

@@ -387,6 +387,13 @@ def test_sweep_runs_are_named_by_what_the_sweep_varies():
     choices = {"model": "vit_nano", "attention": "dense", "data": "digits"}
     assert default_run_name(OmegaConf.create({"seed": 1}), choices, swept) == "vit_nano-dense-digits-s1-task.lr=0.1"
     assert swept_overrides(["seed=1"], ["seed=1"]) == []
+    # an Optuna trial: the drawn values are in the job's overrides, not on the command line
+    trial = ["hydra/sweeper=optuna_fibo", "task.lr=0.0031", "attention.w_min=5", "seed=0"]
+    assert swept_overrides(trial, ["-m", "hydra/sweeper=optuna_fibo"], ("task.lr", "attention.w_min")) == [
+        "task.lr=0.0031", "attention.w_min=5"]
+    # a robot policy: the head is part of the name (bc and diffusion runs of one encoder differ)
+    robot = {"model": "policy_fibo", "model/head": "diffusion", "attention": "fibottention", "data": "lift"}
+    assert default_run_name(OmegaConf.create({"seed": 0}), robot) == "policy_fibo-diffusion-fibottention-lift-s0"
 
 
 def test_long_params_are_named_when_cut(tmp_path):

@@ -74,3 +74,48 @@ def test_the_optuna_direction_follows_the_headline_metric():
     assert direction("false", "test/acc1", "rollout/success_rate") == "maximize"
     assert direction(False, "test/acc1", "val/loss") == "minimize"
     assert direction(True, "test/action_mse", "val/loss") == "minimize"
+
+
+def test_a_sweep_of_no_trial_stops_in_one_line_and_leaves_no_run(run_fibo, tmp_path):
+    """Before: Optuna's 'No trials are completed yet.' traceback, and the parent run left KILLED."""
+    result = run_fibo("-m", "hydra/sweeper=optuna_fibo", "hydra.sweeper.n_trials=0", "debug=fast_dev_run",
+                      root=tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "fibo-run: error: hydra.sweeper.n_trials=0 runs no trial: pass hydra.sweeper.n_trials>=1, e.g. "
+        "hydra.sweeper.n_trials=20"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_sweep_on_an_unreachable_server_stops_before_any_job(run_fibo, tmp_path):
+    """Before: Hydra turned the callback's error into a warning and every job failed on its own."""
+    result = run_fibo("-m", "seed=0,1", "debug=fast_dev_run", root=tmp_path, timeout=300,
+                      env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("fibo-run: error: MLflow tracking server http://127.0.0.1:1 is unreachable")
+    assert not (tmp_path / "logs" / "multiruns").exists() or not any((tmp_path / "logs" / "multiruns").rglob("*.log"))
+
+
+@pytest.mark.parametrize("code,status", [(1, "FAILED"), (143, "KILLED"), (None, "KILLED")])
+def test_the_parent_ends_by_how_the_process_exits(tmp_path, code, status):
+    """The sweeper raised (Hydra prints it, exits 1): FAILED with the reason; SIGTERM (143) or an exit
+    without a code (Ctrl-C): KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from fibo import sweep
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = sweep.MlflowSweepParent()
+    parent.client, parent.experiment = client, "fibo"
+    parent.run_id = client.create_run(client.create_experiment("fibo")).info.run_id
+    sweep.note_exit(code)
+    try:
+        parent._end_at_exit()
+    finally:
+        sweep.note_exit(None)
+    run = client.get_run(parent.run_id)
+    assert run.info.status == status
+    if status == "FAILED":
+        assert run.data.tags["error"] == ("the sweep stopped with exit status 1 (the sweeper's error is in the console "
+                                          "output and the sweep's log)")
