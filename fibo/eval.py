@@ -190,6 +190,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         built = build(cfg, logger=False)
         changed = changed_options(source.data.params, cfg) if source is not None else None
         check_checkpoint_fits(ckpt, built.model, cfg.ckpt_path, changed)
+        if source is not None and not run_overrides(cfg.ckpt_path):
+            _note_copied_checkpoint(cfg, source)
         into_source = source is not None and same_data(source, cfg, choices)
         robot = any(type(c).__name__ == "RolloutEvaluation" for c in built.callbacks)
         names = {"test": "test/acc1", "fit": "val/acc1", **(cfg.get("result_metric") or {})}
@@ -229,6 +231,23 @@ def evaluate(cfg: DictConfig) -> Evaluation:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
+
+
+def _note_copied_checkpoint(cfg, source) -> None:
+    """A checkpoint without its run folder (no ``.hydra/overrides.yaml`` beside ``checkpoints/``, e.g.
+    copied elsewhere) is evaluated as the command line and the defaults configure it: name the options
+    (data, model, attention, trainer) in which that differs from its run's, on stderr and in the log."""
+    from fibo.tracking import changed_options
+
+    differ = [c for c in changed_options(source.data.params, cfg, ("data", "model", "attention", "trainer"), unset=True)
+              if c.split(":", 1)[0].rsplit(".", 1)[-1] not in SAME_DATA_IGNORED]
+    if differ:
+        message = (f"fibo-eval: note: {cfg.ckpt_path} has no .hydra/overrides.yaml beside its folder, so this "
+                   f"evaluation is configured by the command line and the defaults; it differs from run "
+                   f"{source.info.run_id}'s config in: {'; '.join(differ)} (pass the run's overrides, MLflow "
+                   f"artifact config/overrides.yaml, to evaluate as it did)")
+        log.warning(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:

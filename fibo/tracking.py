@@ -174,14 +174,21 @@ def load_checkpoint(ckpt_path: str | None) -> dict | None:
     return loaded
 
 
-def changed_options(params: Mapping[str, str], cfg, groups: tuple[str, ...] = ("data", "model", "attention")) -> list[str]:
+def changed_options(params: Mapping[str, str], cfg, groups: tuple[str, ...] = ("data", "model", "attention"),
+                    unset: bool = False) -> list[str]:
     """``"data.img_size: 16 -> 32"`` for every option of ``groups`` whose value in ``cfg`` differs from
-    the MLflow ``params`` a run was started with (compared as they were stored: ``PARAM_LIMIT`` characters)."""
+    the MLflow ``params`` a run was started with (compared as they were stored: ``PARAM_LIMIT`` characters);
+    ``unset``: also the run's options that ``cfg`` lacks (``"trainer.limit_test_batches: 1 -> unset"``,
+    a ``+key=`` override of the run)."""
     from omegaconf import OmegaConf
 
     flat = flatten_params({g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups if g in cfg})
-    return [f"{k.replace('/', '.')}: {params[k]} -> {v}" for k, v in flat.items()
-            if k in params and params[k][:PARAM_LIMIT] != v[:PARAM_LIMIT]]
+    changed = [f"{k.replace('/', '.')}: {params[k]} -> {v}" for k, v in flat.items()
+               if k in params and params[k][:PARAM_LIMIT] != v[:PARAM_LIMIT]]
+    if unset:
+        changed += [f"{k.replace('/', '.')}: {v} -> unset" for k, v in params.items()
+                    if k.split("/", 1)[0] in groups and "/" in k and k not in flat]
+    return changed
 
 
 def check_checkpoint_fits(ckpt: Mapping[str, Any], model, ckpt_path: str, changed: list[str] | None = None) -> None:

@@ -78,3 +78,24 @@ def test_bad_checkpoints_fail_with_fibo_runs_messages(trained, tmp_path):
     message = _error(fibo_eval(f"ckpt_path={best}", "attention=dense", root=root))
     assert message.startswith(f"ckpt_path={best} belongs to MLflow run ") and "attention=dense (was fibottention)" in message
     assert _error(fibo_eval(root=root)).startswith("fibo-eval needs ckpt_path=<a .ckpt written by fibo-run>")
+
+
+def test_a_copied_checkpoint_names_what_differs_from_its_run(trained, tmp_path):
+    """Before: a checkpoint copied out of its run folder was evaluated on the defaults (here: the full
+    test set instead of the run's 2 batches) without a word."""
+    root, best = trained
+    copied = tmp_path / "copied.ckpt"
+    copied.write_bytes(best.read_bytes())
+    result = fibo_eval(f"ckpt_path={copied}", root=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (note,) = [ln for ln in result.stderr.splitlines() if ln.startswith("fibo-eval: note: ")]
+    assert note.startswith(f"fibo-eval: note: {copied} has no .hydra/overrides.yaml beside its folder")
+    assert "trainer.limit_test_batches: 2 -> unset" in note and note.endswith(
+        "(pass the run's overrides, MLflow artifact config/overrides.yaml, to evaluate as it did)")
+
+
+def test_another_tasks_data_is_named_as_such(trained):
+    root, best = trained
+    assert _error(fibo_eval(f"ckpt_path={best}", "data=lift", root=root)) == (
+        "data=lift holds robot data, but task=image trains on image data: pass task=robot for data=lift, or "
+        "data=<cifar10|cifar100|digits|imagefolder> for task=image")  # before: image size 84 vs patch size 16
