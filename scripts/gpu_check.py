@@ -518,6 +518,15 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def _md_table(rows: list[dict], section: str, header: str, row: Callable[[dict], str]) -> list[str]:
+    """A markdown table of the ``section`` rows: ``header``, its alignment line (text columns left,
+    numbers right: those named ms, ratio, MiB, s, err, images/s, N, H, B, d, L, batch), one line per row."""
+    names = [c.strip() for c in header.strip("|").split("|")]
+    numeric = ("ms", "ratio", "MiB", "s", "err", "images/s", "dense")
+    align = ["---:" if n in ("N", "H", "B", "d", "L", "batch") or n.split()[-1] in numeric else "---" for n in names]
+    return [header, "|" + "|".join(align) + "|", *(row(r) for r in rows if r["section"] == section)]
+
+
 def markdown(rows: list[dict], env: dict, rule: dict, failures: list[str], dry: bool, wall_s: float) -> str:
     lines = [f"# GPU benchmark of fibo's sparse attention{' (DRY RUN on the CPU: checks the script, not a GPU)' if dry else ''}", "",
              f"`python3 scripts/gpu_check.py{' --dry-run' if dry else ''}` at commit {env['commit']}, on {env['device']}, "
@@ -526,26 +535,21 @@ def markdown(rows: list[dict], env: dict, rule: dict, failures: list[str], dry: 
              "and first run (s, not in the median); peak = memory one forward+backward adds (MiB).", "",
              "## Parity (Triton kernel vs float64 dense-mask math, forward and gradients)", "",
              f"{'All cases agree.' if not failures else 'FAILED: ' + '; '.join(failures)}", "",
-             "| pattern | dtype | N | H | B | d | max rel err | ok | note |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        if r["section"] == "parity":
-            lines.append(f"| {r['pattern']} ({r['backend']}) | {r['dtype']} | {r['N']} | {r['H']} | {r['B']} | {r['d']} | "
-                         f"{_fmt(r['max_rel_err'], 7)} | {r['ok']} | {r['note']} |")
-    lines += ["", "## Attention kernels (fwd; fwd+bwd)", "",
-              "| pattern | dtype | d | N | L | B | backend | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MiB | first call s | note |",
-              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        if r["section"] == "kernels":
-            lines.append(f"| {r['pattern']} | {r['dtype']} | {r['d']} | {r['N']} | {r['L']} | {r['B']} | {r['backend']} | "
-                         f"{_fmt(r['fwd_ms'], 3)} | {_fmt(r['fwd_ratio'])} | {_fmt(r['fb_ms'], 3)} | {_fmt(r['fb_ratio'])} | "
-                         f"{_fmt(r['peak_mib'], 1)} | {_fmt(r['first_call_s'], 1)} | {r['note']} |")
-    lines += ["", "## ViT training throughput", "",
-              "| model:attention | backend (asked->used) | dtype | batch | step ms | images/s | time / dense | first step s | note |",
-              "|---|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        if r["section"] == "vit":
-            lines.append(f"| {r['pattern']} | {r['backend']} | {r['dtype']} | {r['B']} | {_fmt(r['fb_ms'], 1)} | "
-                         f"{_fmt(r['images_per_s'], 1)} | {_fmt(r['fb_ratio'])} | {_fmt(r['first_call_s'], 1)} | {r['note']} |")
+             *_md_table(rows, "parity", "| pattern | dtype | N | H | B | d | max rel err | ok | note |",
+                        lambda r: f"| {r['pattern']} ({r['backend']}) | {r['dtype']} | {r['N']} | {r['H']} | {r['B']} | "
+                                  f"{r['d']} | {_fmt(r['max_rel_err'], 7)} | {r['ok']} | {r['note']} |"),
+             "", "## Attention kernels (fwd; fwd+bwd)", "",
+             *_md_table(rows, "kernels", "| pattern | dtype | d | N | L | B | backend | fwd ms | fwd ratio | fwd+bwd ms | "
+                                         "fwd+bwd ratio | peak MiB | first call s | note |",
+                        lambda r: f"| {r['pattern']} | {r['dtype']} | {r['d']} | {r['N']} | {r['L']} | {r['B']} | "
+                                  f"{r['backend']} | {_fmt(r['fwd_ms'], 3)} | {_fmt(r['fwd_ratio'])} | {_fmt(r['fb_ms'], 3)} | "
+                                  f"{_fmt(r['fb_ratio'])} | {_fmt(r['peak_mib'], 1)} | {_fmt(r['first_call_s'], 1)} | {r['note']} |"),
+             "", "## ViT training throughput", "",
+             *_md_table(rows, "vit", "| model:attention | backend (asked->used) | dtype | batch | step ms | images/s | "
+                                     "time / dense | first step s | note |",
+                        lambda r: f"| {r['pattern']} | {r['backend']} | {r['dtype']} | {r['B']} | {_fmt(r['fb_ms'], 1)} | "
+                                  f"{_fmt(r['images_per_s'], 1)} | {_fmt(r['fb_ratio'])} | {_fmt(r['first_call_s'], 1)} | "
+                                  f"{r['note']} |")]
     lines += ["", "## Targets (issue #12)", ""] + [f"- {t}" for t in targets(rows) or ["nothing measured"]]
     lines += ["", "## The measured `auto` rule", "",
               "Backends ranked by forward+backward time per N (patch tokens), dtype and head dim; paste over "
