@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from fibo.launch import CONF_DIR, UsageError, job_argv_for_ddp_children, prepare_job  # also registers ${fibo.cwd:}, ${fibo.run_suffix:}
+from fibo.launch import CONF_DIR, INPUT_ERRORS, UsageError, job_argv_for_ddp_children, prepare_job  # also registers ${fibo.cwd:}, ${fibo.run_suffix:}
 from fibo.sweep import direction as _direction  # noqa: F401 - registers ${fibo.direction:} (conf/hydra/sweeper/optuna_fibo.yaml)
 
 log = logging.getLogger("fibo")
@@ -44,6 +44,17 @@ class Built:
     tags: dict = field(default_factory=dict)  # the model's run_tags() (e.g. model.pretrained_resized): set at the start
 
 
+def build_modules(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """``(datamodule, model, task)``: ``cfg.data``, ``cfg.model`` and ``cfg.task`` (around the model)
+    instantiated, without trainer, logger or callbacks (``fibo-analyze`` builds a run this way: a run's
+    trainer config, GPUs or DDP, need not fit the analysing machine)."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    return datamodule, model, instantiate(cfg.task, model=model)
+
+
 def build(cfg: DictConfig, logger: Any = None) -> Built:
     """Instantiate ``cfg.data``, ``cfg.model``, ``cfg.task`` (around the model), ``cfg.callbacks``
     (plus the run-id-in-checkpoint callback) and ``cfg.trainer`` (with ``logger``: a Lightning
@@ -54,9 +65,7 @@ def build(cfg: DictConfig, logger: Any = None) -> Built:
     from fibo.callbacks import RunIdInCheckpoint
 
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    task = instantiate(cfg.task, model=model)
+    datamodule, model, task = build_modules(cfg)
     metrics = {"model/params": float(sum(p.numel() for p in model.parameters()))}
     if hasattr(model, "attention_density"):
         metrics.update({f"attention/{k}": v for k, v in model.attention_density().items()})
@@ -148,11 +157,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
               f"HYDRA_FULL_ERROR=1 shows the traceback)" if not isinstance(err, UsageError) else
               f"fibo-run: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-
-
-#: Errors that name a bad input and its fix in their message (fibo raises them with one line): the
-#: command line, a config value, a checkpoint, a dataset, the MLflow store, a diverged loss.
-INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FloatingPointError)
 
 
 def input_error(err: BaseException) -> str | None:

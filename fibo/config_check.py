@@ -53,32 +53,31 @@ def _modality(target: Any) -> str | None:
         return None
 
 
-def data_options(modality: str, conf_dir: str | None = None) -> list[str]:
-    """The ``conf/data/`` options whose data module serves ``modality``."""
+def data_options(modality: str, conf_dir: str) -> list[str]:
+    """The ``<conf_dir>/data/`` options whose data module serves ``modality``."""
     from pathlib import Path
 
-    from fibo.launch import CONF_DIR
-
     options = []
-    for path in sorted((Path(conf_dir or CONF_DIR) / "data").glob("*.yaml")):
+    for path in sorted((Path(conf_dir) / "data").glob("*.yaml")):
         target = OmegaConf.load(path).get("_target_")
         if target is not None and _modality(target) == modality:
             options.append(path.stem)
     return options
 
 
-def check_task_data(cfg: DictConfig, choices: dict | None = None) -> None:
+def check_task_data(cfg: DictConfig, choices: dict | None = None, conf_dir: str | None = None) -> None:
     """The data module serves the task's modality (``modality``: image, video or robot, a class
-    attribute of both): ``task=image data=lift`` would otherwise fail later on an unrelated value."""
+    attribute of both): ``task=image data=lift`` would otherwise fail later on an unrelated value.
+    ``conf_dir`` (the config root): the message lists the data options that fit the task."""
     task_modality = _modality(_get(cfg, "task._target_"))
     data_modality = _modality(_get(cfg, "data._target_"))
     if task_modality is None or data_modality is None or task_modality == data_modality:
         return
     choices = choices or {}
     data, task = choices.get("data", _get(cfg, "data._target_")), choices.get("task", task_modality)
-    fits = data_options(task_modality)
+    fits = "|".join(data_options(task_modality, conf_dir)) if conf_dir else f"a {task_modality} data config"
     raise ValueError(f"data={data} holds {data_modality} data, but task={task} trains on {task_modality} data: "
-                     f"pass task={data_modality} for data={data}, or data=<{'|'.join(fits)}> for task={task}")
+                     f"pass task={data_modality} for data={data}, or data=<{fits}> for task={task}")
 
 
 def check_task(cfg: DictConfig) -> None:
@@ -189,15 +188,17 @@ def check_trainer(cfg: DictConfig) -> None:
                              "evaluate a checkpoint with fibo-eval ckpt_path=<file.ckpt>")
 
 
-def check_config(cfg: DictConfig, training: bool = True, choices: dict | None = None) -> None:
+def check_config(cfg: DictConfig, training: bool = True, choices: dict | None = None,
+                 conf_dir: str | None = None) -> None:
     """All the checks above, in the order task/data pairing, data, model, robot head, task, attention,
     trainer; ``training=False`` (a job that only evaluates, ``fibo-eval``) skips the attention
-    backend's and the trainer's checks. ``choices``: Hydra's group choices, to name them in messages.
+    backend's and the trainer's checks. ``choices``: Hydra's group choices, to name them in messages;
+    ``conf_dir``: the config root, to list the options that fit.
 
     Raises:
         ValueError: the first bad value, in one line naming its key and the fix.
     """
-    check_task_data(cfg, choices)
+    check_task_data(cfg, choices, conf_dir)
     checks = (check_data, check_model, check_robot_head, check_task,
               *([check_attention_backend, check_trainer] if training else []))
     for check in checks:

@@ -21,6 +21,10 @@ class UsageError(ValueError):
     """A bad command line, found before any run starts: ``fibo-run`` prints its one-line message
     (``fibo-run: error: ...``, exit status 1) without a traceback."""
 
+#: Errors that name a bad input and its fix in their message (fibo raises them with one line): the
+#: command line, a config value, a checkpoint, a dataset, the MLflow store, a diverged loss.
+INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FloatingPointError)
+
 PATH_KEYS = ("root", "path", "ckpt_path")  # and keys ending in _dir, _path, _file, _list, _root
 PATH_SUFFIXES = ("_dir", "_path", "_file", "_list", "_root")
 RUN_SUFFIX = secrets.token_hex(3)  # one per process: a sweep's jobs share it, DDP children get the run dir
@@ -172,7 +176,7 @@ def prepare_job(cfg: DictConfig, hydra_cfg, training: bool = True) -> dict:
     check_overrides(overrides)
     check_run_options(cfg)
     try:
-        check_config(cfg, training=training, choices=dict(hydra_cfg.runtime.choices))
+        check_config(cfg, training=training, choices=dict(hydra_cfg.runtime.choices), conf_dir=CONF_DIR)
     except ValueError as err:  # before the MLflow run exists: a bad value leaves no FAILED run
         raise UsageError(str(err)) from None
     absolute_cli_paths(cfg, overrides, hydra_cfg.runtime.cwd)

@@ -104,7 +104,7 @@ class MlflowSweepParent(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Create the parent run. A bad sweep (no job planned, an unreachable tracking server) stops
         the process with one line: Hydra turns a callback's exception into a warning and sweeps on."""
-        from fibo.cli import INPUT_ERRORS
+        from fibo.launch import INPUT_ERRORS
         from fibo.store import TrackingError
 
         if not self.enabled or os.environ.get(PARENT_ENV):  # a sweep inside a sweep's job: one parent

@@ -86,22 +86,19 @@ def load_checkpoint(ckpt_path: str | None) -> RunCheckpoint:
 
 
 def build_task(run: RunCheckpoint):
-    """``(datamodule, task)`` instantiated from the run's config (``cfg.data``, ``cfg.model``,
-    ``cfg.task`` as ``fibo.cli.build`` does, without trainer, logger or callbacks: a run's trainer
-    config (GPUs, DDP) need not fit the analysing machine), with the checkpoint's weights loaded
-    (strict), in eval mode.
+    """``(datamodule, task)`` instantiated from the run's config by :func:`fibo.cli.build_modules`
+    (without trainer, logger or callbacks), with the checkpoint's weights loaded (strict), in eval mode.
 
     Raises:
         ValueError: the run config no longer builds (e.g. an option this fibo has dropped), or the
             weights do not fit the model it builds.
     """
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+
+    from fibo.cli import build_modules
 
     try:
-        datamodule = instantiate(run.cfg.data)
-        model = instantiate(run.cfg.model)
-        task = instantiate(run.cfg.task, model=model)
+        datamodule, _, task = build_modules(run.cfg)
     except InstantiationException as err:
         cause = err.__cause__ or err
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]

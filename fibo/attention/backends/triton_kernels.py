@@ -46,7 +46,7 @@ def _patch_fwd(Q, K, V, O, LSE, OFF, NOFF, DIAG,
                HAS_CLS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Output rows of one block of BLOCK_M patch queries of one (batch, head)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 addresses: b * stride_b passes 2**31 on big tensors
     b = bh // H
     h = bh % H
     t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,7 +98,7 @@ def _cls_fwd_partial(Q, K, V, PM, PL, PACC,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The dense CLS row over keys ``[split * CHUNK, (split + 1) * CHUNK)``: partial max, sum and
     weighted values (combined in :func:`~fibo.attention.backends.triton_offsets` by log-sum-exp)."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # int64 addresses: b * stride_b passes 2**31 on big tensors
     split = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -135,7 +135,7 @@ def _bwd_delta(O, DO, DELTA, sob, soh, sol, sdb, sdh, sdl, H, L,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``DELTA[bh, i] = sum_d dO[i, d] * O[i, d]`` for one block of rows (all L rows)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 addresses: b * stride_b passes 2**31 on big tensors
     b = bh // H
     h = bh % H
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,7 +153,7 @@ def _patch_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, OFF, NOFF, DIAG,
                   HAS_CLS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ of one block of patch queries: its keys at every offset, and the CLS key."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 addresses: b * stride_b passes 2**31 on big tensors
     b = bh // H
     h = bh % H
     t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -198,7 +198,7 @@ def _patch_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, OFF, NOFF, DIAG,
     """dK and dV of one block of patch keys ``j``: the queries ``j - s`` of every offset ``s`` (the
     transpose of the pattern, still one contiguous shifted block per offset), and the CLS query."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 addresses: b * stride_b passes 2**31 on big tensors
     b = bh // H
     h = bh % H
     j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -250,7 +250,7 @@ def _cls_bwd_partial(Q, K, V, DO, LSE, DELTA, PDQ, PDK, PDV,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Over rows ``r`` in one chunk of ``[0, L)``: the CLS row's dQ part (query 0, keys ``r``) and the
     CLS column's dK/dV parts (queries ``r``, key 0); entry (0, 0) belongs to both, once each."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # int64 addresses: b * stride_b passes 2**31 on big tensors
     split = tl.program_id(1)
     b = bh // H
     h = bh % H
