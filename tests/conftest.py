@@ -7,8 +7,21 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs pytest -n 2 (pytest-xdist): one OpenMP thread per worker (and per process its
+    # tests start), so the two workers share two cores instead of oversubscribing them; before torch
+    # is imported, which reads it once.
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("FIBO_TEST_THREADS", "1")
+    for _name in ("COLUMNS", "LINES"):  # xdist workers get 80x24, which narrows rich's tables (fibo-compare)
+        os.environ.pop(_name, None)
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "fibottention_offsets.json"
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in sys.modules:  # imported before this file
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

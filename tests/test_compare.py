@@ -31,6 +31,7 @@ def test_fibo_compare_command_on_a_real_sweep(sweep_2x2, tmp_path):
     """``fibo-compare`` from the project root: one line per attention variant, n=2, seeds 0,1, mean ±
     std equal to what MLflow holds, the PNG written and logged with the table as a comparison run."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "FIBO_ROOT")}
+    env["COLUMNS"] = "200"  # the table's width (rich): not whatever the test runner's terminal had
     out = tmp_path / "out"
     result = subprocess.run([str(Path(sys.executable).with_name("fibo-compare")), "--out", str(out)],
                             cwd=sweep_2x2, env=env, capture_output=True, text=True, timeout=600)
