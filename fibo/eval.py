@@ -61,10 +61,15 @@ class Evaluation:
 
 
 # -- the command line: the run's overrides first ------------------------------------------------------
+def overrides_file(ckpt_path: str) -> Path:
+    """``<ckpt dir>/../.hydra/overrides.yaml``: where the checkpoint's run folder keeps its overrides."""
+    return Path(ckpt_path).expanduser().resolve().parent.parent / ".hydra" / "overrides.yaml"
+
+
 def run_overrides(ckpt_path: str) -> list[str]:
-    """The overrides the checkpoint's run was started with (``<ckpt dir>/../.hydra/overrides.yaml``;
-    [] when there is none), without ``ckpt_path`` and ``hydra.*``."""
-    file = Path(ckpt_path).expanduser().resolve().parent.parent / ".hydra" / "overrides.yaml"
+    """The overrides the checkpoint's run was started with (:func:`overrides_file`; [] when there is
+    none), without ``ckpt_path`` and ``hydra.*``."""
+    file = overrides_file(ckpt_path)
     if not file.is_file():
         return []
     return [str(o) for o in OmegaConf.load(file) if not str(o).lstrip("+~").startswith(("ckpt_path=", "hydra.", "hydra/"))]
@@ -190,7 +195,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
         built = build(cfg, logger=False)
         changed = changed_options(source.data.params, cfg) if source is not None else None
         check_checkpoint_fits(ckpt, built.model, cfg.ckpt_path, changed)
-        if source is not None and not run_overrides(cfg.ckpt_path):
+        if source is not None and not overrides_file(cfg.ckpt_path).is_file():
             _note_copied_checkpoint(cfg, source)
         into_source = source is not None and same_data(source, cfg, choices)
         robot = any(type(c).__name__ == "RolloutEvaluation" for c in built.callbacks)

@@ -93,6 +93,18 @@ def test_a_copied_checkpoint_names_what_differs_from_its_run(trained, tmp_path):
     assert "trainer.limit_test_batches: 2 -> unset" in note and note.endswith(
         "(pass the run's overrides, MLflow artifact config/overrides.yaml, to evaluate as it did)")
 
+    # a run folder whose overrides.yaml is empty (a bare fibo-run) is not a copied checkpoint, even
+    # when the command line changes an option
+    folder = tmp_path / "bare_run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "overrides.yaml").write_text("[]\n")
+    inside = folder / "checkpoints" / "best.ckpt"
+    inside.write_bytes(best.read_bytes())
+    result = fibo_eval(f"ckpt_path={inside}", "debug=short", "trainer.max_epochs=1", "data.split_seed=1", root=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fibo-eval: note:" not in result.stderr
+
 
 def test_another_tasks_data_is_named_as_such(trained):
     root, best = trained
