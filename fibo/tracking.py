@@ -400,6 +400,33 @@ def _hydra_job_num() -> str | None:
     return None if num is None else str(num)
 
 
+def _sigterm_as_exit(signum, frame) -> None:
+    """SIGTERM while no one else handles it (building, generating demos, testing: outside Lightning's
+    fit, whose own handler is installed over this one and stops training gracefully): ``SystemExit(143)``,
+    so that the run ends KILLED instead of the process dying with the run left RUNNING."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is _sigterm_as_exit:
+        raise SystemExit(143)
+
+
+@contextmanager
+def _sigterm_handled() -> Iterator[None]:
+    """:func:`_sigterm_as_exit` as the SIGTERM handler (main thread, default handler only) while inside."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+            signal.SIG_DFL, None):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _sigterm_as_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextmanager
 def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
     run_id = ckpt.get(RUN_ID_KEY) if ckpt is not None else None
@@ -428,7 +455,8 @@ def _run(cfg, choices, output_dir, ckpt, uri, instantiate) -> Iterator[Run]:
     try:
         if run.rank_zero:  # inside try: a config that fails to resolve here still ends the run FAILED
             log_config(logger, cfg, choices, Path(output_dir))
-        yield run
+        with _sigterm_handled():
+            yield run
     except (KeyboardInterrupt, SystemExit) as err:
         if run.rank_zero:
             _end(run, "KILLED", err)

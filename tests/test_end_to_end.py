@@ -221,6 +221,26 @@ def test_lifecycle_failed_killed_and_data_report(tmp_path):
     assert client.get_run(run.run_id).info.status == "KILLED"
 
 
+def test_sigterm_outside_training_ends_the_run_killed(tmp_path):
+    """Before: SIGTERM while building (e.g. generating robot demos, before Lightning's fit installs its
+    handler) killed the process at once and left the MLflow run RUNNING for good."""
+    import os
+    import signal
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from fibo.tracking import run_lifecycle
+
+    cfg = _lifecycle_cfg(tmp_path)
+    choices = dict(HydraConfig.get().runtime.choices)
+    with pytest.raises(SystemExit) as stopped, run_lifecycle(cfg, choices, tmp_path / "out") as run:
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler right after this call
+    assert stopped.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the process's handler as found
+    client, _ = mlflow_runs(tmp_path, "fibo-debug")
+    assert client.get_run(run.run_id).info.status == "KILLED"
+
+
 def test_fit_result_is_looked_up_under_the_fit_name():
     """The fit-time headline is ``result_metric.fit`` (before: the test name was looked up when
     test=true); a callback's ``results`` (the rollouts) is read without touching callback_metrics."""
