@@ -16,7 +16,8 @@ the same data). Robot tasks (no test split: the rollouts are the test) validate 
 ``callbacks.rollout.num_episodes`` rollouts of the checkpoint's policy.
 
 Where the results go (MLflow): into the checkpoint's run when the data are the run's (the same data
-choice and data options, batch size and workers aside): metrics ``eval/<name>`` (``eval/test/acc1``),
+choice and data options, batch size and workers aside, and the same ``trainer.limit_test_batches`` /
+``limit_val_batches``): metrics ``eval/<name>`` (``eval/test/acc1``),
 tags ``eval.ckpt_path``, ``eval.split``; otherwise into a new child run of it (``mlflow.parentRunId``,
 tag ``fibo.eval=true``, run name ``eval <run name> on <data>``) with the full config as params, the
 evaluated split as a dataset input and the metrics under their own names (``test/acc1``). A checkpoint
@@ -44,6 +45,8 @@ from fibo.launch import CONF_DIR, UsageError, prepare_job  # also registers ${fi
 log = logging.getLogger("fibo")
 SAME_DATA_IGNORED = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "data_dir")
 SPLITS = ("test", "val")
+EVAL_LIMITS = ("limit_test_batches", "limit_val_batches")  # trainer options that decide what is evaluated
+NOTE_IGNORED = (*SAME_DATA_IGNORED, "default_root_dir")  # differ for every copied checkpoint: not worth a word
 
 
 @dataclass
@@ -100,13 +103,17 @@ def command_line(argv: list[str]) -> list[str]:
 # -- the evaluation -------------------------------------------------------------------------------------
 def same_data(run, cfg, choices) -> bool:
     """Whether ``cfg`` tests on the data the MLflow ``run`` was trained with: the same data choice and
-    data options (batch size, workers and the data folder aside)."""
+    data options (batch size, workers and the data folder aside), and the same share of the split
+    (``trainer.limit_test_batches`` / ``limit_val_batches``: a run tested on 2 batches is not the same
+    test as the whole split)."""
     from fibo.tracking import changed_options
 
     if run.data.tags.get("choice.data") != str(choices.get("data")):
         return False
     changed = changed_options(run.data.params, cfg, groups=("data",))
-    return not [c for c in changed if c.split(":", 1)[0].rsplit(".", 1)[-1] not in SAME_DATA_IGNORED]
+    limits = [c for c in changed_options(run.data.params, cfg, groups=("trainer",), unset=True)
+              if c.split(":", 1)[0].rsplit(".", 1)[-1] in EVAL_LIMITS]
+    return not limits and not [c for c in changed if c.split(":", 1)[0].rsplit(".", 1)[-1] not in SAME_DATA_IGNORED]
 
 
 def _source_run(client, run_id: str | None, cfg, choices, uri: str):
@@ -245,7 +252,7 @@ def _note_copied_checkpoint(cfg, source) -> None:
     from fibo.tracking import changed_options
 
     differ = [c for c in changed_options(source.data.params, cfg, ("data", "model", "attention", "trainer"), unset=True)
-              if c.split(":", 1)[0].rsplit(".", 1)[-1] not in SAME_DATA_IGNORED]
+              if c.split(":", 1)[0].rsplit(".", 1)[-1] not in NOTE_IGNORED]
     if differ:
         message = (f"fibo-eval: note: {cfg.ckpt_path} has no .hydra/overrides.yaml beside its folder, so this "
                    f"evaluation is configured by the command line and the defaults; it differs from run "

@@ -92,6 +92,9 @@ def test_a_copied_checkpoint_names_what_differs_from_its_run(trained, tmp_path):
     assert note.startswith(f"fibo-eval: note: {copied} has no .hydra/overrides.yaml beside its folder")
     assert "trainer.limit_test_batches: 2 -> unset" in note and note.endswith(
         "(pass the run's overrides, MLflow artifact config/overrides.yaml, to evaluate as it did)")
+    assert "default_root_dir" not in note
+    # the whole test split is not the run's 2-batch test: a child run, not eval/test/acc1 in the run
+    assert "new child run" in result.stdout, result.stdout[-1500:]
 
     # a run folder whose overrides.yaml is empty (a bare fibo-run) is not a copied checkpoint, even
     # when the command line changes an option
