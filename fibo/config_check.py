@@ -4,7 +4,8 @@ that a bad value (``data.batch_size=0``, ``task.lr=-1``, ``data.img_size=-4``, `
 in the store. Each check calls the validator that the component itself runs when it is built
 (:func:`fibo.tasks.base.check_recipe`, :func:`fibo.data.transforms.check_img_size`,
 :func:`fibo.models.vit.check_patch_grid`, :func:`fibo.models.policy.check_action_steps`, the
-backend's ``supports``; a task and data of different modalities are named as such first), so the message is the same
+backend's ``supports``; a task and data, or task and model, of different modalities are named as such
+first), so the message is the same
 either way; what needs the data or the built model (``data.train_samples`` against the dataset's
 size, a checkpoint's shapes) is checked where those exist. :func:`fibo.launch.prepare_job` calls
 :func:`check_config`."""
@@ -63,6 +64,73 @@ def data_options(modality: str, conf_dir: str) -> list[str]:
         if target is not None and _modality(target) == modality:
             options.append(path.stem)
     return options
+
+
+def model_modality(target: Any, name: Any = None) -> str | None:
+    """The modality of the model a ``model`` config builds: the ``modality`` attribute of the class at
+    ``target``, or of the class a factory there is annotated to return; for
+    :func:`fibo.models.create_model`, of the class registered as ``name``. None when unknown (errors
+    are left to instantiate)."""
+    from typing import get_type_hints
+
+    from hydra.utils import get_object
+
+    try:
+        built = get_object(str(target))
+    except Exception:  # noqa: BLE001 - import errors: instantiate reports them with the target
+        return None
+    from fibo.models import ARCHITECTURES, create_model
+
+    if built is create_model:
+        built = ARCHITECTURES.get(str(name), (None,))[0]
+    elif callable(built) and not isinstance(built, type):
+        try:
+            built = get_type_hints(built).get("return")
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve: unknown
+            return None
+    return getattr(built, "modality", None)
+
+
+def _model_target(root: Any, stem: str, depth: int = 0) -> tuple[Any, Any]:
+    """(``_target_``, ``name``) of ``<root>/<stem>.yaml``, following its defaults list (``base/vit``,
+    another preset) for what the file itself does not set."""
+    node = OmegaConf.load(root / f"{stem}.yaml")
+    target, name = node.get("_target_"), node.get("name")
+    for entry in node.get("defaults", []) or []:
+        if depth < 4 and isinstance(entry, str) and (root / f"{entry}.yaml").exists():
+            base_target, base_name = _model_target(root, entry, depth + 1)
+            target, name = target or base_target, name or base_name
+    return target, name
+
+
+def model_options(modality: str, conf_dir: str) -> list[str]:
+    """The ``<conf_dir>/model/`` options whose model serves ``modality``."""
+    from pathlib import Path
+
+    root = Path(conf_dir) / "model"
+    options = []
+    for path in sorted(root.glob("*.yaml")):
+        target, name = _model_target(root, path.stem)
+        if target is not None and model_modality(target, name) == modality:
+            options.append(path.stem)
+    return options
+
+
+def check_task_model(cfg: DictConfig, choices: dict | None = None, conf_dir: str | None = None) -> None:
+    """The model serves the task's modality (``task=image model=timesformer`` would otherwise fail on an
+    interpolation the image data lacks); ``conf_dir``: the message lists the model options that fit."""
+    task_modality = _modality(_get(cfg, "task._target_"))
+    target = OmegaConf.select(cfg, "model._target_", default=None)
+    name = OmegaConf.select(cfg, "model.name", default=None, throw_on_resolution_failure=False)
+    model_mod = model_modality(target, name) if target is not None else None
+    if task_modality is None or model_mod is None or task_modality == model_mod:
+        return
+    choices = choices or {}
+    model, task = choices.get("model", name or target), choices.get("task", task_modality)
+    fits = "|".join(model_options(task_modality, conf_dir)) if conf_dir else f"a {task_modality} model config"
+    article = "an" if model_mod[0] in "aeiou" else "a"
+    raise ValueError(f"model={model} is {article} {model_mod} model, but task={task} trains on {task_modality} data: "
+                     f"pass model=<{fits}> for task={task}, or task={model_mod} for model={model}")
 
 
 def check_task_data(cfg: DictConfig, choices: dict | None = None, conf_dir: str | None = None) -> None:
@@ -190,7 +258,7 @@ def check_trainer(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig, training: bool = True, choices: dict | None = None,
                  conf_dir: str | None = None) -> None:
-    """All the checks above, in the order task/data pairing, data, model, robot head, task, attention,
+    """All the checks above, in the order task/data and task/model pairing, data, model, robot head, task, attention,
     trainer; ``training=False`` (a job that only evaluates, ``fibo-eval``) skips the attention
     backend's and the trainer's checks. ``choices``: Hydra's group choices, to name them in messages;
     ``conf_dir``: the config root, to list the options that fit.
@@ -199,6 +267,7 @@ def check_config(cfg: DictConfig, training: bool = True, choices: dict | None = 
         ValueError: the first bad value, in one line naming its key and the fix.
     """
     check_task_data(cfg, choices, conf_dir)
+    check_task_model(cfg, choices, conf_dir)
     checks = (check_data, check_model, check_robot_head, check_task,
               *([check_attention_backend, check_trainer] if training else []))
     for check in checks:

@@ -28,6 +28,12 @@ BAD_VALUES = [
                   "or data=<cifar10|cifar100|digits|imagefolder> for task=image"),  # before: a patch-size error
     ("task=video data=digits", "data=digits holds image data, but task=video trains on video data: pass task=image "
                                "for data=digits, or data=<moving_digits|videofolder|videolist> for task=video"),
+    ("model=timesformer", "model=timesformer is a video model, but task=image trains on image data: pass "
+                          "model=<vit_base|vit_nano|vit_small|vit_tiny> for task=image, or task=video for "
+                          "model=timesformer"),  # before: an OmegaConf interpolation error inside the run
+    ("task=robot model=vit_nano", "model=vit_nano is an image model, but task=robot trains on robot data: pass "
+                                  "model=<policy_blind|policy_cnn|policy_dense|policy_fibo|policy_oracle> for "
+                                  "task=robot, or task=image for model=vit_nano"),
     ("task=robot model.head.horizon=0", "model.head.horizon=0 must be an integer >= 1 (actions per prediction, e.g. "
                                         "model.head.horizon=2)"),  # before: named data.seq_length, inside the run
     ("task=robot model/head=diffusion model.head.n_action_steps=20",

@@ -151,6 +151,8 @@ class ObservationPolicy(nn.Module):
     ``action_normalization`` (``gaussian``: mean/std, ``limits``: the demos' range -> [-1, 1]).
     """
 
+    modality = "robot"  # the task family it serves (fibo.config_check.check_task_model)
+
     action_normalization = "gaussian"
 
     def __init__(self, rgb_keys: Sequence[str], low_dim_keys: Mapping[str, int], action_dim: int,

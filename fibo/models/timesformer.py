@@ -143,6 +143,8 @@ class TimeSformer(nn.Module):
             ``attention.temporal`` key (now ``temporal_attention``).
     """
 
+    modality = "video"  # the task family it serves (fibo.config_check.check_task_model)
+
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, num_frames: int = 8, in_chans: int = 3,
                  num_classes: int = 400, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,

@@ -96,6 +96,8 @@ class VisionTransformer(TimmVisionTransformer):
             option, or an ``attention.temporal`` key (:func:`attention_spec`).
     """
 
+    modality = "image"  # the task family it serves (fibo.config_check.check_task_model)
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
