@@ -58,9 +58,10 @@ def data_options(modality: str, conf_dir: str) -> list[str]:
     """The ``<conf_dir>/data/`` options whose data module serves ``modality``."""
     from pathlib import Path
 
+    root = Path(conf_dir) / "data"
     options = []
-    for path in sorted((Path(conf_dir) / "data").glob("*.yaml")):
-        target = OmegaConf.load(path).get("_target_")
+    for path in sorted(root.glob("*.yaml")):
+        target, _ = _preset_target(root, path.stem)
         if target is not None and _modality(target) == modality:
             options.append(path.stem)
     return options
@@ -91,14 +92,14 @@ def model_modality(target: Any, name: Any = None) -> str | None:
     return getattr(built, "modality", None)
 
 
-def _model_target(root: Any, stem: str, depth: int = 0) -> tuple[Any, Any]:
-    """(``_target_``, ``name``) of ``<root>/<stem>.yaml``, following its defaults list (``base/vit``,
-    another preset) for what the file itself does not set."""
+def _preset_target(root: Any, stem: str, depth: int = 0) -> tuple[Any, Any]:
+    """(``_target_``, ``name``) of the config group option ``<root>/<stem>.yaml``, following its
+    defaults list (``base/vit``, another preset of the group) for what the file itself does not set."""
     node = OmegaConf.load(root / f"{stem}.yaml")
     target, name = node.get("_target_"), node.get("name")
     for entry in node.get("defaults", []) or []:
         if depth < 4 and isinstance(entry, str) and (root / f"{entry}.yaml").exists():
-            base_target, base_name = _model_target(root, entry, depth + 1)
+            base_target, base_name = _preset_target(root, entry, depth + 1)
             target, name = target or base_target, name or base_name
     return target, name
 
@@ -110,7 +111,7 @@ def model_options(modality: str, conf_dir: str) -> list[str]:
     root = Path(conf_dir) / "model"
     options = []
     for path in sorted(root.glob("*.yaml")):
-        target, name = _model_target(root, path.stem)
+        target, name = _preset_target(root, path.stem)
         if target is not None and model_modality(target, name) == modality:
             options.append(path.stem)
     return options

@@ -28,6 +28,8 @@ BAD_VALUES = [
                   "or data=<cifar10|cifar100|digits|imagefolder> for task=image"),  # before: a patch-size error
     ("task=video data=digits", "data=digits holds image data, but task=video trains on video data: pass task=image "
                                "for data=digits, or data=<moving_digits|videofolder|videolist> for task=video"),
+    ("task=robot data=digits", "data=digits holds image data, but task=robot trains on robot data: pass task=image "
+                               "for data=digits, or data=<lift|metaworld|robomimic_hdf5> for task=robot"),
     ("model=timesformer", "model=timesformer is a video model, but task=image trains on image data: pass "
                           "model=<vit_base|vit_nano|vit_small|vit_tiny> for task=image, or task=video for "
                           "model=timesformer"),  # before: an OmegaConf interpolation error inside the run
