@@ -201,7 +201,8 @@ def check_model(cfg: DictConfig) -> None:
 
 def check_robot_head(cfg: DictConfig) -> None:
     """A policy head's windows (``model.head``): ``n_obs_steps`` and ``horizon`` integers >= 1,
-    ``n_action_steps`` between 1 and the horizon (:func:`fibo.models.policy.check_action_steps`)."""
+    ``n_action_steps`` between 1 and the horizon (:func:`fibo.models.policy.check_action_steps`), a
+    diffusion head's horizon a multiple of its U-Net's halvings (:func:`fibo.models.diffusion.check_horizon`)."""
     if _get(cfg, "model.head") is _MISSING:
         return
     for name, what in (("n_obs_steps", "observations per prediction"), ("horizon", "actions per prediction")):
@@ -213,6 +214,12 @@ def check_robot_head(cfg: DictConfig) -> None:
         from fibo.models.policy import check_action_steps
 
         check_action_steps(steps, horizon)
+    down_dims = _get(cfg, "model.head.down_dims")
+    if (_get(cfg, "model.head.name") == "diffusion" and isinstance(down_dims, list) and down_dims
+            and isinstance(horizon, int) and not isinstance(horizon, bool) and horizon >= 1):
+        from fibo.models.diffusion import check_horizon
+
+        check_horizon(horizon, down_dims)
 
 
 def training_device(cfg: DictConfig) -> str | None:

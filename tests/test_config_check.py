@@ -41,6 +41,10 @@ BAD_VALUES = [
     ("task=robot model/head=diffusion model.head.n_action_steps=20",
      "model.head.n_action_steps=20 is larger than the horizon, 16 actions per prediction (data.seq_length, by default "
      "model.head.horizon): set model.head.n_action_steps<=16 or model.head.horizon>=20"),
+    ("task=robot model/head=diffusion model.head.horizon=10",
+     "the diffusion horizon, 10 actions per prediction (data.seq_length, by default model.head.horizon), is not a "
+     "multiple of 4 (the U-Net halves it 2 times: model.head.down_dims has 3 levels): set model.head.horizon=8 or 12 "
+     "or use fewer model.head.down_dims"),  # before: inside the run, a FAILED run
     ("trainer.max_epochs=-2", "trainer.max_epochs=-2 must be an integer >= -1 (epochs to train; -1 = no limit, e.g. "
                               "trainer.max_epochs=40)"),
     ("attention.backend=flex trainer=cpu", "attention.backend=flex cannot train on the CPU (trainer.accelerator=cpu): "

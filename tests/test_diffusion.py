@@ -89,8 +89,9 @@ def test_unet_shapes_gradients_and_horizon_rule():
     assert unet(x, 7, torch.randn(2, 5)).shape == (2, 8, 3)  # a scalar step for the whole batch
     with pytest.raises(ValueError) as info:
         DiffusionHead(action_dim=3, horizon=6, cond_dim=5, down_dims=(16, 32, 64))
-    assert str(info.value) == ("the diffusion horizon data.seq_length=6 is not a multiple of 4 (the U-Net halves it 2 "
-                               "times: model.head.down_dims has 3 levels): use data.seq_length=4 or fewer "
+    assert str(info.value) == ("the diffusion horizon, 6 actions per prediction (data.seq_length, by default "
+                               "model.head.horizon), is not a multiple of 4 (the U-Net halves it 2 times: "
+                               "model.head.down_dims has 3 levels): set model.head.horizon=4 or 8 or use fewer "
                                "model.head.down_dims")
     with pytest.raises(ValueError, match=r"model.head.num_inference_steps=0 must be between 1 and "):
         tiny_head(num_inference_steps=0)

@@ -33,6 +33,25 @@ def _groups(channels: int, n_groups: int) -> int:
     return g
 
 
+def check_horizon(horizon: int, down_dims: Sequence[int]) -> int:
+    """``horizon`` (actions per prediction) is a multiple of ``2 ** (len(down_dims) - 1)``: the U-Net
+    halves the chunk once per level below the first and must restore it exactly.
+
+    Raises:
+        ValueError: otherwise, naming the nearest horizons that fit.
+    """
+    levels = len(down_dims)
+    multiple = 2 ** (levels - 1)
+    if horizon % multiple:
+        below, above = horizon // multiple * multiple, (horizon // multiple + 1) * multiple
+        fits = f"{below} or {above}" if below else f"{above}"
+        raise ValueError(f"the diffusion horizon, {horizon} actions per prediction (data.seq_length, by default "
+                         f"model.head.horizon), is not a multiple of {multiple} (the U-Net halves it {levels - 1} "
+                         f"times: model.head.down_dims has {levels} levels): set model.head.horizon={fits} or use "
+                         f"fewer model.head.down_dims")
+    return horizon
+
+
 class Conv1dBlock(nn.Sequential):
     """Conv1d (same padding) -> GroupNorm -> Mish; ``(B, C_in, T)`` -> ``(B, C_out, T)``."""
 
@@ -138,7 +157,7 @@ class DiffusionHead(nn.Module):
         num_inference_steps: DDIM steps at inference.
 
     Raises:
-        ValueError: ``horizon`` not a multiple of ``2 ** (len(down_dims) - 1)``;
+        ValueError: ``horizon`` not a multiple of ``2 ** (len(down_dims) - 1)`` (:func:`check_horizon`);
             ``num_inference_steps`` outside [1, ``num_train_timesteps``]; an unknown ``prediction_type``.
     """
 
@@ -150,12 +169,7 @@ class DiffusionHead(nn.Module):
         from diffusers import DDIMScheduler, DDPMScheduler
 
         self.unet = ConditionalUnet1D(action_dim, cond_dim, down_dims, step_embed_dim, kernel_size, n_groups)
-        multiple = self.unet.horizon_multiple
-        if horizon % multiple:
-            raise ValueError(f"the diffusion horizon data.seq_length={horizon} is not a multiple of {multiple} "
-                             f"(the U-Net halves it {self.unet.levels - 1} times: model.head.down_dims has "
-                             f"{self.unet.levels} levels): use data.seq_length={max(multiple, horizon // multiple * multiple)} "
-                             f"or fewer model.head.down_dims")
+        check_horizon(horizon, down_dims)
         if not 1 <= num_inference_steps <= num_train_timesteps:
             raise ValueError(f"model.head.num_inference_steps={num_inference_steps} must be between 1 and "
                              f"model.head.num_train_timesteps={num_train_timesteps}")
