@@ -507,6 +507,28 @@ def plot_curves(curves: list[Curve], xs: list[str], param: str, metric: str, pat
     return scale
 
 
+PAIRED_RIGHT = {"episodes", "both", "only A", "only B", "neither", "A solved", "B solved", "McNemar p"}
+
+
+def paired_rollouts(client, groups: list[Group]) -> list[dict[str, str]]:
+    """For rollout metrics: each pair of groups' final evaluations on the same episode seeds, runs
+    matched by training seed (:func:`fibo.envs.paired.paired_rows`); groups without rollout artifacts
+    are left out."""
+    from fibo.envs.paired import final_outcomes, paired_rows
+
+    names, outcomes = [], []
+    for name, group in zip(variant_names(groups), groups):
+        by_seed = {}
+        for run in group.runs:
+            found = final_outcomes(client, run.info.run_id)
+            if found is not None:
+                by_seed[_seed(run)] = found
+        if by_seed:
+            names.append(name)
+            outcomes.append(by_seed)
+    return paired_rows(names, outcomes)
+
+
 def _client(tracking_uri: str):
     from fibo.store import sqlite_path
 
@@ -575,6 +597,7 @@ class Comparison:
     x: str | None = None  # the MLflow param of --x (curves), else None
     curves: list[Curve] = field(default_factory=list)
     xscale: str | None = None  # the curve plot's x axis: log, linear or categorical
+    paired: list[dict[str, str]] = field(default_factory=list)  # rollout metrics: fibo.envs.paired.paired_rows
 
 
 def compare(experiments: list[str] | None = None, filter_string: str = "", metric: str = DEFAULT_METRIC,
@@ -636,6 +659,14 @@ def compare(experiments: list[str] | None = None, filter_string: str = "", metri
             warnings.append(f"not in the plot (no {density_metric} or no {metric}): " + ", ".join(left_out))
     write_csv(recs, files["csv"])
     write_markdown(rows, right, files["md"], title)
+    paired, paired_title = [], ""
+    if metric.startswith("rollout/") and not param:
+        paired = paired_rollouts(client, groups)
+        if paired:
+            files["paired"] = out / "paired.md"
+            paired_title = (f"paired rollouts in {', '.join(experiments)}: the final evaluations on the same episode "
+                            f"seeds, runs matched by training seed (fibo.envs.paired)")
+            write_markdown(paired, PAIRED_RIGHT, files["paired"], paired_title)
 
     run_id = None
     if log:
@@ -656,12 +687,15 @@ def compare(experiments: list[str] | None = None, filter_string: str = "", metri
 
     if not quiet:
         print_table(rows, right, title)
+        if paired:
+            print_table(paired, PAIRED_RIGHT, paired_title)
         for w in warnings:
             print(f"fibo-compare: note: {w}", file=sys.stderr)
-        print(f"table: {files['csv']} and {files['md']}\nplot:  {files['png']}")
+        print(f"table: {files['csv']} and {files['md']}\nplot:  {files['png']}"
+              + (f"\npaired: {files['paired']}" if paired else ""))
         if run_id:
             print(f"MLflow run {run_id} (tag {COMPARISON_TAG}=true) in experiment {experiments[0]!r} at {uri}")
-    return Comparison(groups, recs, rows, out, files, run_id, warnings, param, curves, xscale)
+    return Comparison(groups, recs, rows, out, files, run_id, warnings, param, curves, xscale, paired)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
