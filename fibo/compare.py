@@ -3,8 +3,9 @@
 Reads the runs of one or more experiments (default ``fibo``; ``--filter`` narrows them with an
 MLflow search string), groups runs whose configurations differ only in the seed (and in where they
 wrote their files), and prints one line per group: task, dataset, model, attention variant,
-attention density, seeds, n, mean ± std of the headline metric (default ``test/acc1``) and the mean
-training throughput. So ``fibo-run -m attention=dense,fibottention seed=0,1,2`` compares in two lines.
+attention density, seeds, n, mean ± std of the headline metric (default ``test/acc1``), the mean
+training throughput and the mean wall time per run (MLflow start to end). So
+``fibo-run -m attention=dense,fibottention seed=0,1,2`` compares in two lines.
 
 It writes the table (``comparison.csv``, ``comparison.md``) and a plot of the metric against the
 attention density (``comparison.png``: one point per group, error bars = std over seeds) to
@@ -89,6 +90,13 @@ class Group:
         """Sample standard deviation over the runs (n - 1); nan for fewer than 2 runs."""
         vals = self.values(metric)
         return statistics.stdev(vals) if len(vals) > 1 else math.nan
+
+    def wall_minutes(self) -> float:
+        """Mean wall time of the ended runs, MLflow start to end (minutes; training, evaluation and
+        everything else the run did); nan when none has ended."""
+        spans = [(r.info.end_time - r.info.start_time) / 60_000 for r in self.runs
+                 if r.info.end_time and r.info.start_time]
+        return statistics.fmean(spans) if spans else math.nan
 
     @property
     def seeds(self) -> list[str]:
@@ -225,6 +233,7 @@ def records(groups: list[Group], metric: str, density_metric: str, with_status: 
         rec["n"] = len(g.values(metric))
         rec[f"{metric} mean"], rec[f"{metric} std"] = g.mean(metric), g.std(metric)
         rec["throughput"] = g.mean(THROUGHPUT_METRIC)
+        rec["wall_min"] = g.wall_minutes()
         if with_status:
             rec["status"] = g.statuses
         rec["runs"] = " ".join(r.info.run_id for r in g.runs)
@@ -232,7 +241,7 @@ def records(groups: list[Group], metric: str, density_metric: str, with_status: 
     return out
 
 
-NUMERIC = ("density", FLOPS_COLUMN, "n", "throughput/s")
+NUMERIC = ("density", FLOPS_COLUMN, "n", "throughput/s", "wall min")
 
 
 def _variant_row(rec: dict) -> dict[str, str]:
@@ -261,6 +270,7 @@ def display_rows(recs: list[dict], metric: str) -> list[dict[str, str]]:
         row["n"] = str(rec["n"])
         row[metric] = "-" if math.isnan(mean) else f"{mean:.4f} ± {_fmt(std)}"
         row["throughput/s"] = _fmt(rec["throughput"], 1)
+        row["wall min"] = _fmt(rec["wall_min"], 1)
         if "status" in rec:
             row["status"] = rec["status"]
         rows.append(row)

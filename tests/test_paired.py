@@ -44,13 +44,15 @@ def test_training_seeds_are_matched_and_pooled():
                        "McNemar p": "0.5"}
 
 
-def _robot_run(client, exp, tmp_path, model: str, seed: int, epochs_successes: dict[int, list[bool]]) -> str:
+def _robot_run(client, exp, tmp_path, model: str, seed: int, epochs_successes: dict[int, list[bool]],
+               minutes: float = 1.0) -> str:
     """A FINISHED run with the artifacts RolloutEvaluation writes: rollouts/epoch<E>.json, summary.json."""
     name = f"{model}-lift-s{seed}"
     out = tmp_path / "runs" / name
     run = client.create_run(exp, run_name=name, tags={"choice.task": "robot", "choice.data": "lift",
                                                       "choice.model": model, "choice.attention": "-",
-                                                      "seed": str(seed), "output_dir": str(out)})
+                                                      "seed": str(seed), "output_dir": str(out)},
+                            start_time=1_000_000)
     rid = run.info.run_id
     for k, v in {"seed": str(seed), "run_name": name, "model/encoder": model, "paths/output_dir": str(out)}.items():
         client.log_param(rid, k, v)
@@ -67,7 +69,7 @@ def _robot_run(client, exp, tmp_path, model: str, seed: int, epochs_successes: d
     (folder / "summary.json").write_text(json.dumps({"history": history}))
     client.log_artifact(rid, str(folder / "summary.json"), "rollouts")
     client.log_metric(rid, "rollout/success_rate", history[-1]["success_rate"])
-    client.set_terminated(rid, "FINISHED")
+    client.set_terminated(rid, "FINISHED", end_time=1_000_000 + int(minutes * 60_000))
     return rid
 
 
@@ -79,13 +81,15 @@ def test_fibo_compare_pairs_the_final_evaluations(tmp_path, capsys):
     exp = client.create_experiment("robot", artifact_location=str(tmp_path / "artifacts"))
     T, F = True, False
     # fibo: the epoch-9 evaluation differs from the final (epoch 19) one; only the final counts
-    _robot_run(client, exp, tmp_path, "policy_fibo", 0, {9: [F, F, F, F], 19: [T, T, F, F]})
-    _robot_run(client, exp, tmp_path, "policy_fibo", 1, {9: [T, T, T, T], 19: [T, F, F, F]})
+    _robot_run(client, exp, tmp_path, "policy_fibo", 0, {9: [F, F, F, F], 19: [T, T, F, F]}, minutes=3)
+    _robot_run(client, exp, tmp_path, "policy_fibo", 1, {9: [T, T, T, T], 19: [T, F, F, F]}, minutes=5)
     _robot_run(client, exp, tmp_path, "policy_dense", 0, {19: [T, T, T, F]})
     _robot_run(client, exp, tmp_path, "policy_dense", 1, {19: [T, T, T, T]})
     result = fc.compare(["robot"], metric="rollout/success_rate", tracking_uri=uri, out_dir=tmp_path / "out",
                         log=False, quiet=True)
     assert len(result.groups) == 2
+    wall = {r["model"]: r["wall_min"] for r in result.records}
+    assert wall == {"policy_fibo": pytest.approx(4.0), "policy_dense": pytest.approx(1.0)}  # MLflow start to end
     (row,) = result.paired
     assert {row["A"], row["B"]} == {"policy_fibo", "policy_dense"}
     fibo_first = row["A"] == "policy_fibo"
