@@ -194,6 +194,13 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     log_cfg = cfg.logger
     uri = resolve_tracking_uri(log_cfg.get("tracking_uri"), log_cfg.get("default_store", "mlflow.db"))
     check_tracking_server(uri)
+    from fibo.store import sqlite_path
+
+    db = sqlite_path(uri)
+    if ckpt.get(RUN_ID_KEY) is not None and db is not None and not db.is_file():  # don't leave an empty store behind
+        raise ValueError(f"ckpt_path={cfg.ckpt_path} belongs to MLflow run {ckpt[RUN_ID_KEY]}, which is not in {uri} "
+                         f"(no store there): set MLFLOW_TRACKING_URI (or logger.tracking_uri) to the store the run "
+                         f"was trained with")
     prepare_store(uri)
     client = MlflowClient(tracking_uri=uri)
     source = _source_run(client, ckpt.get(RUN_ID_KEY), cfg, choices, uri)

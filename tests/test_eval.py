@@ -80,6 +80,20 @@ def test_bad_checkpoints_fail_with_fibo_runs_messages(trained, tmp_path):
     assert _error(fibo_eval(root=root)).startswith("fibo-eval needs ckpt_path=<a .ckpt written by fibo-run>")
 
 
+def test_a_store_without_the_run_is_named_and_not_created(trained, tmp_path):
+    from fibo.tracking import RUN_ID_KEY
+
+    root, best = trained
+    run_id = torch.load(best, map_location="cpu", weights_only=False)[RUN_ID_KEY]
+    elsewhere = tmp_path / "other-machine"  # the checkpoint evaluated where its store is not
+    elsewhere.mkdir()
+    message = _error(fibo_eval(f"ckpt_path={best}", root=elsewhere))
+    assert message == (f"ckpt_path={best} belongs to MLflow run {run_id}, which is not in sqlite:///{elsewhere}/mlflow.db "
+                       f"(no store there): set MLFLOW_TRACKING_URI (or logger.tracking_uri) to the store the run was "
+                       f"trained with")
+    assert not (elsewhere / "mlflow.db").exists()  # before: an empty store was created, then the error
+
+
 def test_a_copied_checkpoint_names_what_differs_from_its_run(trained, tmp_path):
     """Before: a checkpoint copied out of its run folder was evaluated on the defaults (here: the full
     test set instead of the run's 2 batches) without a word."""
