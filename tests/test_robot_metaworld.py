@@ -66,3 +66,23 @@ def test_rollouts_succeed_by_the_envs_success_info(pick_place):
     assert env._last_info["success"] > 0.5
     still = run_rollouts(Still(), env, [100000], horizon=20)
     assert still["successes"] == [False] and still["mean_length"] == 20
+
+
+def test_a_policy_without_images_films_its_rollouts_from_corner2(pick_place):
+    """policy_oracle / policy_blind see no camera: the rollout video comes from the env's default camera
+    (corner2 on metaworld; before: agentview, which metaworld lacks, and the run FAILED)."""
+    from types import SimpleNamespace
+
+    from fibo.envs.evaluation import RolloutEvaluation
+
+    env_args = pick_place[1]
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(env_args=env_args, path="pick_place.hdf5", img_size=84,
+                                                         rollout_horizon=200))
+    callback = RolloutEvaluation(num_episodes=1, video_episodes=1, video_size=32)
+    env = callback.make_env(trainer, SimpleNamespace(model=SimpleNamespace(rgb_keys=[])))
+    try:
+        assert callback._camera == "corner2" and env.image_keys == []
+        frame = env.render(callback._camera, 32)
+        assert frame.shape == (32, 32, 3) and frame[:3].mean() < 20 < frame[-3:].mean()  # upright, as the demos
+    finally:
+        env.close()

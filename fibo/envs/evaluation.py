@@ -42,7 +42,8 @@ class RolloutEvaluation(L.Callback):
         seed: seed of the first episode (demos use other seeds: see :func:`fibo.envs.demos.write_demos`).
         horizon: steps per episode at most (null: the data config's ``rollout_horizon``).
         video_episodes: how many episodes go into the mp4 (0: none).
-        video_camera: camera for the video (default: the first image key's, else ``agentview``).
+        video_camera: camera for the video (default: the first image key's, else the env's
+            ``default_camera``: ``agentview`` on robosuite, ``corner2`` on metaworld).
         video_size: side of the video frames in pixels.
         num_threads: torch threads while rolling out (null: unchanged).
     """
@@ -86,7 +87,8 @@ class RolloutEvaluation(L.Callback):
             return None
         env = make_env(env_args, image_keys=list(getattr(pl_module.model, "rgb_keys", [])),
                        image_size=getattr(datamodule, "img_size", None), source=source)
-        self._camera = self.video_camera or (camera_of(env.image_keys[0]) if env.image_keys else "agentview")
+        self._camera = self.video_camera or (camera_of(env.image_keys[0]) if env.image_keys
+                                             else getattr(env, "default_camera", "agentview"))
         env.reset(seed=self.seed)
         if self.video_episodes:
             env.render(self._camera, self.video_size)

@@ -124,6 +124,9 @@ def _import_robosuite():
 class RobosuiteEnv:
     """A robosuite environment with fibo's rendering and robomimic's observation names."""
 
+    #: the camera of rollout videos when the policy sees no image (policy_blind / policy_oracle): robomimic's front camera
+    default_camera = "agentview"
+
     #: robosuite keys renamed as robomimic's wrapper does
     RENAME = {"object-state": "object"}
 
@@ -215,6 +218,9 @@ class MetaworldEnv:
     upright: not mirrored); files written before keep their upside-down images in demos and rollouts
     alike (one warning).
     """
+
+    #: the camera of rollout videos when the policy sees no image (policy_blind / policy_oracle): the camera data=metaworld trains on
+    default_camera = "corner2"
 
     def __init__(self, env_name: str, env_kwargs: Mapping[str, Any], image_keys: Sequence[str] = (),
                  image_size: int | None = None) -> None:
