@@ -21,6 +21,11 @@ except the seed and the param), mean ± std over seeds as error bars and a band,
 the values are positive and span 10x or more; the table pivots to rows = variants, columns = the
 param's values, cells ``mean ± std (n)``. Runs without the param are left out with a note.
 
+With a rollout metric (``--metric rollout/success_rate``, ``rollout/success_rate_best``, ...) it also
+pairs the groups' final evaluations episode by episode (the same initial states; runs matched by
+training seed): solved by both, only A, only B, neither, and an exact McNemar p-value
+(``paired.md``; :mod:`fibo.envs.paired`).
+
 The store is the one ``fibo-run`` writes to: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``,
 else ``sqlite:///<root>/mlflow.db`` with root = ``$FIBO_ROOT`` or the current directory.
 """

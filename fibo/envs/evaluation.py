@@ -87,8 +87,7 @@ class RolloutEvaluation(L.Callback):
             return None
         env = make_env(env_args, image_keys=list(getattr(pl_module.model, "rgb_keys", [])),
                        image_size=getattr(datamodule, "img_size", None), source=source)
-        self._camera = self.video_camera or (camera_of(env.image_keys[0]) if env.image_keys
-                                             else getattr(env, "default_camera", "agentview"))
+        self._camera = self.video_camera or (camera_of(env.image_keys[0]) if env.image_keys else env.default_camera)
         env.reset(seed=self.seed)
         if self.video_episodes:
             env.render(self._camera, self.video_size)

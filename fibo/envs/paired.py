@@ -92,26 +92,18 @@ def final_outcomes(client, run_id: str) -> dict[int, bool] | None:
     """The per-episode outcomes of a run's last evaluation (its ``rollouts/summary.json`` names the
     epoch; ``rollouts/epoch<E>.json`` holds the outcomes), read from the MLflow store through
     ``client`` (an ``MlflowClient``); None when the run has no rollout artifacts."""
-    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # two tiny files per run: no progress bars
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            return _read_final(client, run_id, tmp)
-    finally:
-        if quiet is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+    from unittest.mock import patch
 
-
-def _read_final(client, run_id: str, tmp: str) -> dict[int, bool] | None:
-    try:
-        summary = json.loads(Path(client.download_artifacts(run_id, "rollouts/summary.json", tmp)).read_text())
-        epoch = summary["history"][-1]["epoch"]
-        path = client.download_artifacts(run_id, f"rollouts/epoch{epoch:03d}.json", tmp)
-    except Exception:  # noqa: BLE001 - no such artifact (not a robot run, or one that failed early)
-        return None
-    return outcomes_from_record(json.loads(Path(path).read_text()))
+    # two tiny files per run: no MLflow progress bars in fibo-compare's output
+    with patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}), \
+            tempfile.TemporaryDirectory() as tmp:
+        try:
+            summary = json.loads(Path(client.download_artifacts(run_id, "rollouts/summary.json", tmp)).read_text())
+            epoch = summary["history"][-1]["epoch"]
+            path = client.download_artifacts(run_id, f"rollouts/epoch{epoch:03d}.json", tmp)
+        except Exception:  # noqa: BLE001 - no such artifact (not a robot run, or one that failed early)
+            return None
+        return outcomes_from_record(json.loads(Path(path).read_text()))
 
 
 def paired_rows(names: Sequence[str], outcomes: Sequence[Mapping[str, Outcomes]]) -> list[dict[str, str]]:
